@@ -1,0 +1,54 @@
+"""The ``coma`` command line: one sub-command per stage.
+
+Each sub-command lives in ``coma.commands.<name>`` and exposes ``add_arguments(parser)`` and ``run(args)``;
+modules are imported lazily so ``coma --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "init-model": ("init_model", "build a tiny random VLM and save it (offline)"),
+    "encode": ("encode", "encode a JSONL file of {text, image} inputs to a .npy matrix"),
+    "compress": ("compress", "stage 1: compression pre-training"),
+    "merge": ("merge", "merge a LoRA/DoRA adapter and the compression rows into a plain model folder"),
+    "match": ("match", "stage 2: contrastive matching"),
+    "eval": ("evaluate", "MMEB-style evaluation"),
+    "synth": ("synth", "write the synthetic multimodal world"),
+    "demo": ("demo", "the end-to-end CPU demo"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coma", description="Compression-then-Matching multimodal embeddings")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = argv[0] if argv else None
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:
+            module = importlib.import_module(f"coma.commands.{module_name}")
+            module.add_arguments(sub)
+            sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args._run(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"coma {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
