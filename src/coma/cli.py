@@ -23,7 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="coma", description="Compression-then-Matching multimodal embeddings")
+    parser = argparse.ArgumentParser(
+        prog="coma", description="Compression-then-Matching multimodal embeddings"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = argv[0] if argv else None
     for name, (module_name, help_text) in COMMANDS.items():

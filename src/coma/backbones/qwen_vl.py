@@ -1,0 +1,132 @@
+"""Qwen2-VL and Qwen2.5-VL on top of transformers' own classes (no copied modeling code)."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
+)
+
+from coma.backbones.base import BackboneAdapter
+
+QWEN_IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+# Only the language model's attention projections; the ViT uses `qkv`/`proj` and stays frozen.
+QWEN_LORA_TARGETS = r"(.*\.)?language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+
+
+class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
+    """Qwen2-VL processor without the video slot, which cannot be built when torchvision is absent."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=chat_template,
+            **kwargs,
+        )
+
+
+class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL processor without the video slot (see :class:`Qwen2VLImageOnlyProcessor`)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=chat_template,
+            **kwargs,
+        )
+
+
+@dataclass(frozen=True)
+class QwenVLAdapter(BackboneAdapter):
+    model_class: type = Qwen2VLForConditionalGeneration
+    processor_class: type = Qwen2VLImageOnlyProcessor
+
+    def load_model(self, name_or_path: str, **kwargs: Any) -> nn.Module:
+        return self.model_class.from_pretrained(name_or_path, use_safetensors=True, **kwargs)
+
+    def load_processor(self, name_or_path: str, **kwargs: Any) -> Any:
+        return self.processor_class.from_pretrained(name_or_path, **kwargs)
+
+    def position_ids(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """3 × B × L M-RoPE ids from the 2-D padding mask; correct for either padding side and text-only rows."""
+        inner = _inner_model(model)
+        kwargs = {
+            "image_grid_thw": batch.get("image_grid_thw"),
+            "attention_mask": batch["attention_mask"],
+        }
+        # transformers 5.24 requires mm_token_type_ids; earlier 5.x releases do not take it.
+        if "mm_token_type_ids" in inspect.signature(inner.get_rope_index).parameters:
+            token_types = batch.get("mm_token_type_ids")
+            if token_types is None:
+                token_types = torch.zeros_like(batch["input_ids"], dtype=torch.int)
+            kwargs["mm_token_type_ids"] = token_types
+        position_ids, _ = inner.get_rope_index(batch["input_ids"], **kwargs)
+        return position_ids
+
+    def hidden_states(
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        inputs = {
+            key: batch[key]
+            for key in ("input_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+            if batch.get(key) is not None
+        }
+        position_ids = batch.get("position_ids")
+        if position_ids is None:
+            position_ids = self.position_ids(model, batch)
+        mask = batch["attention_mask"] if attention_mask is None else attention_mask
+        output = _inner_model(model)(
+            **inputs, attention_mask=mask, position_ids=position_ids, use_cache=False
+        )
+        return output.last_hidden_state
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return _inner_model(model).language_model.layers
+
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return _inner_model(model).visual
+
+
+def _inner_model(model: nn.Module) -> nn.Module:
+    """The ``Qwen2VLModel`` under the LM head, also when wrapped by peft."""
+    while not hasattr(model, "get_rope_index"):
+        if hasattr(model, "model"):
+            model = model.model
+        elif hasattr(model, "base_model"):
+            model = model.base_model
+        else:
+            raise TypeError(f"{type(model).__name__} is not a Qwen-VL model")
+    return model
+
+
+QWEN2_VL = QwenVLAdapter(
+    family="qwen2_vl",
+    model_type="qwen2_vl",
+    image_block=QWEN_IMAGE_BLOCK,
+    lora_target_regex=QWEN_LORA_TARGETS,
+    model_class=Qwen2VLForConditionalGeneration,
+    processor_class=Qwen2VLImageOnlyProcessor,
+)
+QWEN2_5_VL = QwenVLAdapter(
+    family="qwen2_5_vl",
+    model_type="qwen2_5_vl",
+    image_block=QWEN_IMAGE_BLOCK,
+    lora_target_regex=QWEN_LORA_TARGETS,
+    model_class=Qwen2_5_VLForConditionalGeneration,
+    processor_class=Qwen2_5_VLImageOnlyProcessor,
+)

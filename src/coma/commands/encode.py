@@ -1,0 +1,59 @@
+"""``coma encode``: embed a JSONL file of ``{"text", "image"}`` lines into a ``.npy`` matrix."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="coma model folder, or a VLM folder / hub id")
+    parser.add_argument("--input", required=True, help='JSONL file, one {"text": ..., "image": ...} per line')
+    parser.add_argument("--out", required=True, help="output .npy file (N × D float32, L2-normalised)")
+    parser.add_argument("--instruction", default=None, help="instruction put before every input's text")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--pooling", default=None, help="override the model's pooling")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def read_encode_inputs(path: Path) -> list[dict]:
+    """Read the JSONL input; image paths are relative to the file's folder."""
+    from coma.io import iter_jsonl
+
+    items = []
+    for line_number, row in iter_jsonl(path):
+        unknown = set(row) - {"text", "image"}
+        if unknown:
+            raise ValueError(
+                f"{path}:{line_number}: unknown field(s) {sorted(unknown)}; expected 'text', 'image'"
+            )
+        text, image = row.get("text") or "", row.get("image") or None
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{line_number}: field 'text' must be a string")
+        if image is not None and not isinstance(image, str):
+            raise ValueError(f"{path}:{line_number}: field 'image' must be a path string")
+        if not text and image is None:
+            raise ValueError(f"{path}:{line_number}: needs a 'text' or an 'image'")
+        items.append({"text": text, "image": str(path.parent / image) if image else None})
+    return items
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from coma.embedder import Embedder
+    from coma.io import atomic_open
+
+    path = Path(args.input)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    items = read_encode_inputs(path)
+    embedder = Embedder.from_pretrained(args.model, pooling=args.pooling, device=args.device)
+    embeddings = embedder.encode(
+        items, instruction=args.instruction, batch_size=args.batch_size, show_progress=not args.no_progress
+    )
+    with atomic_open(args.out, "wb") as handle:
+        np.save(handle, embeddings)
+    print(f"encoded {len(items)} inputs -> {args.out} {embeddings.shape}")
+    return 0

@@ -1,0 +1,440 @@
+"""Readers for the on-disk formats coma accepts (DESIGN §2.5): MMEB-train, MMEB-eval, LLaVA-style conversations.
+
+Every reader validates each row and raises :class:`DataFormatError` naming the file, the row and the field, so a
+bad row in a 600k-row dump is found from the message alone. Image paths stay relative strings here (``""`` means
+"no image"); resolving them safely against an image root is the image loader's job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from coma.io import iter_jsonl
+
+if TYPE_CHECKING:
+    import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+PARQUET_BATCH_ROWS = 1024
+IMAGE_TOKEN = "<image>"
+
+# LLaVA data says human/gpt; chat-style dumps say user/assistant. Both map onto the same two roles.
+_ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+_LOGGED_SKIPS = 5
+
+TRAIN_REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
+EVAL_REQUIRED = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
+
+
+class DataFormatError(ValueError):
+    """A data file does not match its format; ``row`` is 1-based (JSONL line, JSON list item, parquet row)."""
+
+    def __init__(self, path: str | os.PathLike, row: int | None, field: str | None, problem: str) -> None:
+        self.path = Path(path)
+        self.row = row
+        self.field = field
+        self.problem = problem
+        location = f"{self.path}:{row}" if row is not None else str(self.path)
+        subject = f" field '{field}':" if field is not None else ""
+        super().__init__(f"{location}:{subject} {problem}")
+
+
+@dataclass(frozen=True)
+class TrainPair:
+    """One MMEB-train row; image paths are relative (``""`` = no image), negatives are ``""`` when absent."""
+
+    subset: str
+    row: int
+    qry: str
+    qry_image_path: str
+    pos_text: str
+    pos_image_path: str
+    neg_text: str
+    neg_image_path: str
+    source: str
+
+
+@dataclass(frozen=True)
+class EvalQuery:
+    """One MMEB-eval row: a query and its own candidate list; candidate 0 is the positive."""
+
+    row: int
+    qry_text: str
+    qry_img_path: str
+    tgt_text: tuple[str, ...]
+    tgt_img_path: tuple[str, ...]
+    source: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A stage-1 chat: ``turns`` are (question, answer) pairs; ``<image>`` is already removed from the first."""
+
+    id: str
+    image: str
+    turns: tuple[tuple[str, str], ...]
+    source: str
+    row: int
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files and records
+
+
+def _split_of(name: str) -> str:
+    """Hub shard names look like ``{split}-00000-of-00001.parquet``; a plain ``{split}.jsonl`` also counts."""
+    stem = name.rsplit(".", 1)[0]
+    return stem.split("-", 1)[0]
+
+
+def data_files(path: str | os.PathLike, split: str | None = None) -> list[Path]:
+    """The data files at ``path``: the file itself, or a folder's ``*.jsonl|*.json|*.parquet`` sorted by name.
+
+    ``split`` keeps only files whose name is ``{split}.<ext>`` or starts with ``{split}-`` (hub shard naming).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_dir():
+        candidates = sorted(
+            (
+                p
+                for p in path.iterdir()
+                if p.is_file() and p.suffix in DATA_SUFFIXES and not p.name.startswith(".")
+            ),
+            key=lambda p: p.name,
+        )
+        if not candidates:
+            raise DataFormatError(
+                path, None, None, f"no data files ({', '.join('*' + s for s in DATA_SUFFIXES)})"
+            )
+    elif path.suffix in DATA_SUFFIXES:
+        candidates = [path]
+    else:
+        raise DataFormatError(
+            path, None, None, f"unsupported file type (expected {', '.join(DATA_SUFFIXES)})"
+        )
+    if split is None:
+        return candidates
+    files = [p for p in candidates if _split_of(p.name) == split]
+    if not files:
+        present = sorted({_split_of(p.name) for p in candidates})
+        raise DataFormatError(
+            path, None, None, f"no data files for split '{split}' (splits present: {', '.join(present)})"
+        )
+    return files
+
+
+def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield ``(row, value)`` from one file; JSON-list items are yielded even when they are not objects."""
+    if path.suffix == ".jsonl":
+        yield from iter_jsonl(path)
+    elif path.suffix == ".json":
+        with open(path, encoding="utf-8") as handle:
+            try:
+                items = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise DataFormatError(
+                    path, None, None, f"not valid JSON (line {error.lineno}: {error.msg})"
+                ) from None
+        if not isinstance(items, list):
+            raise DataFormatError(
+                path, None, None, f"expected a JSON list of objects, got {_type_name(items)}"
+            )
+        yield from enumerate(items, start=1)
+    else:  # parquet: data_files admits no other suffix
+        row = 0
+        # Record batches keep memory flat on large shards and let a ``limit`` stop early.
+        for batch in _open_parquet(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+
+
+def _open_parquet(path: Path) -> pq.ParquetFile:
+    # Imported here: pyarrow costs ~0.4 s, and the registry and CLI import this module without reading parquet.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as error:
+        # pyarrow's own message does not say which file it was reading.
+        raise DataFormatError(path, None, None, f"not a readable parquet file ({error})") from None
+
+
+def _check_parquet_columns(path: Path, required: Sequence[str]) -> None:
+    columns = _open_parquet(path).schema_arrow.names
+    for column in required:
+        if column not in columns:
+            raise DataFormatError(
+                path, None, column, f"missing required column (columns: {', '.join(columns)})"
+            )
+
+
+def _iter_file_records(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
+    if path.suffix == ".parquet" and required:
+        _check_parquet_columns(path, required)
+    for row, record in _iter_raw(path):
+        if not isinstance(record, dict):
+            raise DataFormatError(path, row, None, f"expected an object, got {_type_name(record)}")
+        for column in required:
+            if column not in record:
+                raise DataFormatError(path, row, column, "missing required field")
+        yield row, record
+
+
+def read_records(
+    path: str | os.PathLike, *, split: str | None = None, required: Sequence[str] = ()
+) -> Iterator[tuple[int, dict]]:
+    """Yield ``(row, record)`` from a data file or every data file of a folder (rows restart at 1 per file).
+
+    ``required`` names fields every record must have; a parquet file missing one fails before its first row.
+    Use :func:`data_files` and one call per file when the caller needs to know which file a row came from.
+    """
+    for file in data_files(path, split):
+        yield from _iter_file_records(file, required)
+
+
+def list_data_subsets(root: str | os.PathLike) -> list[str]:
+    """Names of the sub-folders of ``root`` that hold at least one data file, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a folder")
+    return sorted(
+        child.name
+        for child in root.iterdir()
+        if child.is_dir()
+        and any(
+            p.is_file() and p.suffix in DATA_SUFFIXES and not p.name.startswith(".") for p in child.iterdir()
+        )
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Field validation
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _text(path: Path, row: int, record: dict, field: str) -> str:
+    value = record.get(field)
+    if not isinstance(value, str):
+        raise DataFormatError(path, row, field, f"expected a string, got {_type_name(value)}")
+    return value
+
+
+def _optional_text(path: Path, row: int, record: dict, field: str) -> str:
+    """A string where missing or null means empty (image paths, negatives)."""
+    value = record.get(field)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataFormatError(path, row, field, f"expected a string or null, got {_type_name(value)}")
+    return value
+
+
+def _text_list(path: Path, row: int, record: dict, field: str, *, null_items: bool) -> tuple[str, ...]:
+    value = record.get(field)
+    if not isinstance(value, (list, tuple)):
+        raise DataFormatError(path, row, field, f"expected a list of strings, got {_type_name(value)}")
+    items = []
+    for index, item in enumerate(value):
+        if item is None and null_items:
+            item = ""
+        if not isinstance(item, str):
+            raise DataFormatError(
+                path, row, f"{field}[{index}]", f"expected a string, got {_type_name(item)}"
+            )
+        items.append(item)
+    return tuple(items)
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MMEB-train
+
+
+def _train_pair(subset: str, path: Path, row: int, record: dict) -> TrainPair:
+    return TrainPair(
+        subset=subset,
+        row=row,
+        qry=_text(path, row, record, "qry"),
+        qry_image_path=_optional_text(path, row, record, "qry_image_path"),
+        pos_text=_text(path, row, record, "pos_text"),
+        pos_image_path=_optional_text(path, row, record, "pos_image_path"),
+        neg_text=_optional_text(path, row, record, "neg_text"),
+        neg_image_path=_optional_text(path, row, record, "neg_image_path"),
+        source=str(path),
+    )
+
+
+def read_mmeb_train_subset(
+    folder: str | os.PathLike,
+    *,
+    subset: str | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+) -> list[TrainPair]:
+    """Read one MMEB-train subset folder (or one file); ``subset`` defaults to the folder's name.
+
+    On the hub each subset holds ``original-*.parquet`` and ``diverse_instruction-*.parquet``: pass ``split`` to
+    pick one, otherwise both are read.
+    """
+    _check_limit(limit)
+    folder = Path(folder)
+    if subset is None:
+        subset = folder.name if folder.is_dir() else folder.parent.name
+    pairs: list[TrainPair] = []
+    if limit == 0:
+        return pairs
+    for file in data_files(folder, split):
+        for row, record in _iter_file_records(file, TRAIN_REQUIRED):
+            pairs.append(_train_pair(subset, file, row, record))
+            if limit is not None and len(pairs) >= limit:
+                return pairs
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MMEB-eval
+
+
+def _eval_query(path: Path, row: int, record: dict) -> EvalQuery:
+    tgt_text = _text_list(path, row, record, "tgt_text", null_items=False)
+    tgt_img_path = _text_list(path, row, record, "tgt_img_path", null_items=True)
+    if not tgt_text:
+        raise DataFormatError(
+            path, row, "tgt_text", "empty candidate list (candidate 0 must be the positive)"
+        )
+    if len(tgt_text) != len(tgt_img_path):
+        raise DataFormatError(
+            path, row, "tgt_img_path", f"has {len(tgt_img_path)} entries but tgt_text has {len(tgt_text)}"
+        )
+    return EvalQuery(
+        row=row,
+        qry_text=_text(path, row, record, "qry_text"),
+        qry_img_path=_optional_text(path, row, record, "qry_img_path"),
+        tgt_text=tgt_text,
+        tgt_img_path=tgt_img_path,
+        source=str(path),
+    )
+
+
+def read_mmeb_eval_dataset(
+    folder: str | os.PathLike, *, split: str | None = None, limit: int | None = None
+) -> list[EvalQuery]:
+    """Read one MMEB-eval dataset folder (or one file); the hub's folders hold ``test-*.parquet``."""
+    _check_limit(limit)
+    queries: list[EvalQuery] = []
+    if limit == 0:
+        return queries
+    for file in data_files(folder, split):
+        for row, record in _iter_file_records(file, EVAL_REQUIRED):
+            queries.append(_eval_query(file, row, record))
+            if limit is not None and len(queries) >= limit:
+                return queries
+    return queries
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage-1 conversations
+
+
+def _remove_image_token(text: str) -> str:
+    """Drop ``<image>`` with the newline that separates it from the question (either side)."""
+    for pattern in (IMAGE_TOKEN + "\n", "\n" + IMAGE_TOKEN, IMAGE_TOKEN):
+        if pattern in text:
+            return text.replace(pattern, "", 1).strip()
+    return text
+
+
+def _conversation(path: Path, row: int, record: Any) -> Conversation:
+    if not isinstance(record, dict):
+        raise DataFormatError(path, row, None, f"expected an object, got {_type_name(record)}")
+    ident = record.get("id")
+    if isinstance(ident, bool) or not isinstance(ident, (str, int)):
+        raise DataFormatError(path, row, "id", f"expected a string or integer, got {_type_name(ident)}")
+    image = _optional_text(path, row, record, "image")
+    raw_turns = record.get("conversations")
+    if not isinstance(raw_turns, list):
+        raise DataFormatError(
+            path, row, "conversations", f"expected a list of turns, got {_type_name(raw_turns)}"
+        )
+    if len(raw_turns) < 2 or len(raw_turns) % 2:
+        raise DataFormatError(
+            path, row, "conversations", f"expected an even number (>= 2) of turns, got {len(raw_turns)}"
+        )
+    values: list[str] = []
+    for index, turn in enumerate(raw_turns):
+        field = f"conversations[{index}]"
+        if not isinstance(turn, dict):
+            raise DataFormatError(path, row, field, f"expected an object, got {_type_name(turn)}")
+        role = turn.get("from")
+        expected = "human" if index % 2 == 0 else "gpt"
+        if not isinstance(role, str) or _ROLES.get(role) != expected:
+            raise DataFormatError(
+                path,
+                row,
+                f"{field}.from",
+                f"expected '{expected}' (turns alternate human, gpt), got {role!r}",
+            )
+        value = turn.get("value")
+        if not isinstance(value, str):
+            raise DataFormatError(path, row, f"{field}.value", f"expected a string, got {_type_name(value)}")
+        if expected == "gpt" and not value.strip():
+            # An empty answer leaves nothing to supervise and would give an all-ignored label row.
+            raise DataFormatError(path, row, f"{field}.value", "empty answer")
+        values.append(value)
+    for index, value in enumerate(values):
+        count = value.count(IMAGE_TOKEN)
+        wanted = 1 if image and index == 0 else 0
+        if count != wanted:
+            if image and index == 0:
+                problem = f"expected exactly one '{IMAGE_TOKEN}' in the first human turn, found {count}"
+            elif image:
+                problem = f"'{IMAGE_TOKEN}' may only appear in the first human turn"
+            else:
+                problem = f"'{IMAGE_TOKEN}' in a conversation without an image"
+            raise DataFormatError(path, row, f"conversations[{index}].value", problem)
+    if image:
+        values[0] = _remove_image_token(values[0])
+    turns = tuple((values[i], values[i + 1]) for i in range(0, len(values), 2))
+    return Conversation(id=str(ident), image=image, turns=turns, source=str(path), row=row)
+
+
+def read_conversations(path: str | os.PathLike, *, skip_bad: bool = False) -> tuple[list[Conversation], int]:
+    """Read LLaVA-style conversations from a JSON list or JSONL file (or a folder of them).
+
+    Returns ``(conversations, skipped)``. With ``skip_bad`` a row that breaks the format is counted and skipped
+    instead of raising; a file that is not valid JSON still raises, since no row boundary can be trusted.
+    """
+    conversations: list[Conversation] = []
+    skipped = 0
+    for file in data_files(path):
+        for row, record in _iter_raw(file):
+            try:
+                conversations.append(_conversation(file, row, record))
+            except DataFormatError as error:
+                if not skip_bad:
+                    raise
+                skipped += 1
+                if skipped <= _LOGGED_SKIPS:
+                    logger.warning("skipping bad conversation: %s", error)
+    if skipped > _LOGGED_SKIPS:
+        logger.warning("skipped %d bad conversations in %s", skipped, path)
+    return conversations, skipped

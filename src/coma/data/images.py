@@ -1,0 +1,70 @@
+"""Safe image loading: paths confined to their root, clear errors naming the file, bounded sizes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Refuse decompression bombs before decoding: 8192 × 8192 is far above any VLM's pixel budget.
+MAX_SOURCE_PIXELS = 8192 * 8192
+MAX_ASPECT_RATIO = 200
+
+
+class ImageLoadError(ValueError):
+    """An image that is missing, unreadable, too large or outside its root."""
+
+
+def resolve_image_path(path: str | os.PathLike, root: str | os.PathLike | None) -> Path:
+    """Resolve a dataset image path inside ``root``; ``..`` escapes and absolute paths elsewhere are refused."""
+    candidate = Path(path)
+    if root is None:
+        return candidate
+    root_path = Path(root).resolve()
+    resolved = (candidate if candidate.is_absolute() else root_path / candidate).resolve()
+    if not resolved.is_relative_to(root_path):
+        raise ImageLoadError(
+            f"image path {str(path)!r} resolves to {resolved}, outside the image root {root_path}"
+        )
+    return resolved
+
+
+def load_image(
+    source: str | os.PathLike | Image.Image,
+    root: str | os.PathLike | None = None,
+    max_source_pixels: int = MAX_SOURCE_PIXELS,
+) -> Image.Image:
+    """Open an image as RGB, or raise :class:`ImageLoadError` naming the file and the reason."""
+    if isinstance(source, Image.Image):
+        _check_size(source, "<PIL image>", max_source_pixels)
+        return source.convert("RGB")
+    path = resolve_image_path(source, root)
+    if not path.is_file():
+        raise ImageLoadError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            _check_size(image, path, max_source_pixels)
+            image.load()
+            return image.convert("RGB")
+    except ImageLoadError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
+        raise ImageLoadError(f"cannot read image {path}: {error}") from None
+
+
+def _check_size(image: Image.Image, name: object, max_source_pixels: int) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageLoadError(f"image {name} is empty ({width}×{height})")
+    if width * height > max_source_pixels:
+        raise ImageLoadError(
+            f"image {name} has {width}×{height} pixels, above the limit of {max_source_pixels} (decompression bomb?)"
+        )
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise ImageLoadError(f"image {name} has an aspect ratio above {MAX_ASPECT_RATIO} ({width}×{height})")
+
+
+def looks_like_image_path(text: str) -> bool:
+    return text.lower().endswith(IMAGE_EXTENSIONS) and "\n" not in text and len(text) < 4096

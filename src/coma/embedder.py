@@ -1,0 +1,217 @@
+"""The user-facing API: ``Embedder.from_pretrained(dir).encode(inputs)``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from tqdm.auto import tqdm
+
+from coma.backbones import load_backbone
+from coma.backbones.base import BackboneAdapter
+from coma.compression import add_compression_tokens, compression_token_ids, embedding_text
+from coma.config import ComaConfig
+from coma.data.images import load_image, looks_like_image_path
+from coma.io import atomic_open
+from coma.model import EmbeddingModel
+
+POOLER_WEIGHTS = "pooler.safetensors"
+ImageLike = str | os.PathLike | Image.Image
+
+
+@dataclass(frozen=True)
+class EncodeInput:
+    """One input: text (may contain ``<|image_1|>``), an image, or both."""
+
+    text: str = ""
+    image: ImageLike | None = None
+
+
+def as_encode_input(item: Any) -> EncodeInput:
+    """Normalise a string, image, path or ``{"text", "image"}`` dict.
+
+    A string is text unless it ends in an image extension and names an existing file.
+    """
+    if isinstance(item, EncodeInput):
+        return item
+    if isinstance(item, (Image.Image, Path)):
+        return EncodeInput(image=item)
+    if isinstance(item, str):
+        if looks_like_image_path(item) and Path(item).is_file():
+            return EncodeInput(image=item)
+        return EncodeInput(text=item)
+    if isinstance(item, dict):
+        unknown = set(item) - {"text", "image"}
+        if unknown:
+            raise ValueError(
+                f"encode input has unknown keys {sorted(unknown)}; expected 'text' and/or 'image'"
+            )
+        text, image = item.get("text") or "", item.get("image") or None
+        if not isinstance(text, str):
+            raise ValueError(f"encode input field 'text' must be a string, got {type(text).__name__}")
+        if not text and image is None:
+            raise ValueError("encode input needs a 'text' or an 'image'")
+        return EncodeInput(text=text, image=image)
+    raise TypeError(f"cannot encode an input of type {type(item).__name__}")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Embedder:
+    """A multimodal embedding model ready to encode, save and load."""
+
+    def __init__(self, model: EmbeddingModel, processor: Any, device: torch.device | None = None):
+        self.model = model
+        self.processor = processor
+        self.device = device or next(model.parameters()).device
+        self.padding_side = "right"
+
+    @property
+    def config(self) -> ComaConfig:
+        return self.model.config
+
+    @property
+    def adapter(self) -> BackboneAdapter:
+        return self.model.adapter
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        num_tokens: int | None = None,
+        pooling: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str = "sdpa",
+        trust_remote_code: bool = False,
+    ) -> Embedder:
+        """Load a coma model folder, or a plain VLM (folder or hub id) to which compression tokens are added.
+
+        A folder with a saved coma config keeps its T; asking for a different ``num_tokens`` is an error.
+        """
+        device = torch.device(device) if device is not None else default_device()
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        backbone, processor, adapter = load_backbone(
+            name_or_path,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+        folder = Path(name_or_path)
+        saved = ComaConfig.load(folder) if folder.is_dir() else None
+        if saved is not None:
+            if num_tokens is not None and num_tokens != saved.num_tokens:
+                raise ValueError(
+                    f"{folder} was trained with T={saved.num_tokens} compression tokens; requested T={num_tokens}"
+                )
+            config = saved
+            token_ids = compression_token_ids(processor.tokenizer, config)
+        else:
+            config = ComaConfig(num_tokens=num_tokens or ComaConfig.num_tokens)
+            token_ids = add_compression_tokens(backbone, processor.tokenizer, config)
+        overrides = {"pooling": pooling, "min_pixels": min_pixels, "max_pixels": max_pixels}
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(config, key, value)
+        config.__post_init__()
+        apply_pixel_bounds(processor, config)
+        model = EmbeddingModel(backbone, adapter, config, token_ids)
+        pooler_file = folder / POOLER_WEIGHTS
+        if model.pooler.head is not None and pooler_file.is_file():
+            model.pooler.load_state_dict(load_file(str(pooler_file)))
+        return cls(model.to(device).eval(), processor, device)
+
+    def save_pretrained(self, out: str | os.PathLike) -> Path:
+        """Write the model, processor, coma config and pooler head; ``from_pretrained`` restores it exactly."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.backbone.save_pretrained(out, safe_serialization=True)
+        self.processor.save_pretrained(out)
+        self.config.save(out)
+        pooler_state = {k: v.detach().cpu().contiguous() for k, v in self.model.pooler.state_dict().items()}
+        if pooler_state:
+            with atomic_open(out / POOLER_WEIGHTS, "wb") as handle:
+                handle.write(safetensors_bytes(pooler_state))
+        return out
+
+    def collate(self, items: Sequence[EncodeInput], image_root: str | os.PathLike | None = None) -> dict:
+        """Processor batch for a list of inputs (text formatted with the image block and compression tokens)."""
+        texts, images = [], []
+        for item in items:
+            texts.append(
+                embedding_text(item.text, item.image is not None, self.config, self.adapter.image_block)
+            )
+            if item.image is not None:
+                images.append(load_image(item.image, image_root))
+        batch = self.processor(
+            text=texts,
+            images=images or None,
+            return_tensors="pt",
+            padding=True,
+            padding_side=self.padding_side,
+        )
+        return dict(batch)
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        inputs: Sequence[Any],
+        instruction: str | None = None,
+        batch_size: int = 32,
+        show_progress: bool = True,
+        image_root: str | os.PathLike | None = None,
+    ) -> np.ndarray:
+        """Embed texts, images, image paths or ``{"text", "image"}`` dicts into an (N, D) float32 array.
+
+        ``instruction`` is put before each input's text (after the image block), as MMEB instructions are.
+        """
+        items = [as_encode_input(item) for item in inputs]
+        if instruction:
+            items = [
+                EncodeInput(f"{instruction}\n{it.text}" if it.text else instruction, it.image) for it in items
+            ]
+        # Similar inputs together keeps padding small; results are put back in input order.
+        order = sorted(range(len(items)), key=lambda i: (items[i].image is None, len(items[i].text)))
+        self.model.eval()
+        chunks = []
+        for start in tqdm(
+            range(0, len(order), batch_size), desc="encode", unit="batch", disable=not show_progress
+        ):
+            batch = self.collate([items[i] for i in order[start : start + batch_size]], image_root)
+            batch = {key: value.to(self.device) for key, value in batch.items()}
+            chunks.append(self.model(batch).float().cpu())
+        if not chunks:
+            return np.zeros((0, self.model.hidden_size), dtype=np.float32)
+        embeddings = torch.cat(chunks).numpy()
+        result = np.empty_like(embeddings)
+        result[order] = embeddings
+        return result
+
+
+def apply_pixel_bounds(processor: Any, config: ComaConfig) -> None:
+    """Set min/max pixels on the image processor (call-time pixel arguments are deprecated in transformers 5)."""
+    image_processor = processor.image_processor
+    size = dict(getattr(image_processor, "size", None) or {})
+    if config.min_pixels is not None:
+        size["shortest_edge"] = config.min_pixels
+    if config.max_pixels is not None:
+        size["longest_edge"] = config.max_pixels
+    if size:
+        image_processor.size = size
+
+
+__all__ = ["Embedder", "EncodeInput", "as_encode_input"]

@@ -1,0 +1,59 @@
+"""Image loading safety: missing, corrupt, escaping and oversized images fail with the file named."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import random_image
+
+from coma.data.images import ImageLoadError, load_image, resolve_image_path
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    with pytest.raises(ImageLoadError, match="broken.png"):
+        load_image(bad)
+
+
+def test_missing_image_names_the_file(tmp_path):
+    with pytest.raises(ImageLoadError, match="image not found: .*nowhere.jpg"):
+        load_image("nowhere.jpg", root=tmp_path)
+
+
+@pytest.mark.parametrize("path", ["../secret.png", "a/../../secret.png", "/etc/passwd"])
+def test_paths_escaping_the_root_are_refused(tmp_path, path):
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(ImageLoadError, match="outside the image root"):
+        resolve_image_path(path, root)
+
+
+def test_paths_inside_the_root_resolve(tmp_path):
+    (tmp_path / "sub").mkdir()
+    random_image(0).save(tmp_path / "sub" / "ok.png")
+    assert resolve_image_path("sub/./ok.png", tmp_path) == (tmp_path / "sub" / "ok.png").resolve()
+    assert resolve_image_path(str(tmp_path / "sub" / "ok.png"), tmp_path).is_file()
+    assert load_image("sub/ok.png", root=tmp_path).mode == "RGB"
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "big.png"
+    random_image(0, (300, 300)).save(path)
+    with pytest.raises(ImageLoadError, match="big.png.*above the limit"):
+        load_image(path, max_source_pixels=200 * 200)
+
+
+def test_extreme_aspect_ratio_is_refused(tmp_path):
+    path = tmp_path / "strip.png"
+    random_image(0, (2010, 10)).save(path)
+    with pytest.raises(ImageLoadError, match="aspect ratio"):
+        load_image(path)
+
+
+def test_encode_reports_the_bad_image(tiny_model_dir, tmp_path):
+    from coma import Embedder
+
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ImageLoadError, match="corrupt.jpg"):
+        Embedder.from_pretrained(tiny_model_dir).encode([{"text": "x", "image": bad}], show_progress=False)
