@@ -1,0 +1,49 @@
+"""Training settings shared by both stages (YAML sections ``train:`` and ``lora:``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 64
+    dropout: float = 0.1
+    dora: bool = True
+    init: str = "gaussian"
+    full_finetune: bool = field(
+        default=False, metadata={"help": "train the whole language model instead of LoRA"}
+    )
+
+
+@dataclass
+class TrainSettings:
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    global_batch_size: int = 256
+    micro_batch_size: int = 8
+    max_steps: int | None = None
+    num_epochs: float = 1.0
+    seed: int = 42
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    gradient_checkpointing: bool = False
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"}
+    )
+    attn_implementation: str = "sdpa"
+    device: str | None = None
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.global_batch_size < 1 or self.micro_batch_size < 1:
+            raise ValueError("global_batch_size and micro_batch_size must be positive")
+        if self.scheduler not in ("cosine", "linear", "constant"):
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose cosine, linear or constant")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"unknown dtype {self.dtype!r}")
