@@ -1,0 +1,122 @@
+"""Stage 2 — contrastive matching on MMEB-train pairs (DESIGN §2.3)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from coma.data.sampling import BlockMixtureSampler
+from coma.losses import ContrastiveLoss
+from coma.train.config import LoraSettings, TrainSettings
+from coma.train.loop import DistInfo, StepResult
+from coma.train.setup import load_trainable_embedder, save_merged
+from coma.train.stage2_data import PairCollator, PairDataset
+from coma.train.stage2_step import ContrastiveStep
+
+
+@dataclass
+class MatchConfig:
+    model: str = field(default="", metadata={"help": "merged stage-1 folder, or any VLM folder / hub id"})
+    data: str = field(default="", metadata={"help": "MMEB-train root: one folder per subset"})
+    image_root: str | None = field(
+        default=None, metadata={"help": "root of the image paths (default: --data)"}
+    )
+    out: str = ""
+    subsets: list[str] | None = None
+    weights: dict[str, float] | None = None
+    caps: dict[str, int] | None = field(default=None, metadata={"help": "num_sample_per_subset"})
+    split: str | None = None
+    block_size: int = 64
+    temperature: float = 0.03
+    symmetric: bool = False
+    hard_negatives: bool = False
+    grad_cache: bool = True
+    query_chunk_size: int | None = 8
+    target_chunk_size: int | None = 8
+    num_tokens: int | None = None
+    pooling: str | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    train: TrainSettings = field(
+        default_factory=lambda: TrainSettings(global_batch_size=1024, max_steps=1500)
+    )
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def validate(self) -> None:
+        for name in ("model", "data", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"coma match needs --{name}")
+
+
+class MatchTask:
+    """Stage-2 training task for :func:`coma.train.loop.train`."""
+
+    def __init__(self, config: MatchConfig, dist_info: DistInfo, with_data: bool = True) -> None:
+        self.config = config
+        self.embedder = load_trainable_embedder(
+            config.model,
+            config.train,
+            config.lora,
+            dist_info,
+            num_tokens=config.num_tokens,
+            pooling=config.pooling,
+            min_pixels=config.min_pixels,
+            max_pixels=config.max_pixels,
+        )
+        self.module: nn.Module = self.embedder.model
+        self.total_steps = 0
+        if not with_data:
+            return
+        self.dataset = PairDataset.from_config(
+            config.data, subsets=config.subsets, weights=config.weights, caps=config.caps, split=config.split,
+            image_placeholder=self.embedder.config.image_placeholder,
+        )  # fmt: skip
+        self.sampler = BlockMixtureSampler(
+            subset_sizes=self.dataset.subset_sizes,
+            weights=self.dataset.weights,
+            global_batch_size=config.train.global_batch_size,
+            block_size=config.block_size,
+            seed=config.train.seed,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+        )
+        self.collator = PairCollator(self.embedder, config.image_root or config.data)
+        self.step_fn = ContrastiveStep(
+            self.module,
+            ContrastiveLoss(temperature=config.temperature, symmetric=config.symmetric),
+            query_chunk_size=config.query_chunk_size,
+            target_chunk_size=config.target_chunk_size,
+            use_grad_cache=config.grad_cache,
+            dummy_image=dist_info.distributed,
+        )
+        self.total_steps = config.train.max_steps or math.ceil(
+            config.train.num_epochs * len(self.dataset) / config.train.global_batch_size
+        )
+
+    def step(self, module: nn.Module, no_sync: Callable[[], AbstractContextManager]) -> StepResult:
+        pairs = self.dataset.get_many(self.sampler.next_batch())
+        inputs = self.collator.inputs(pairs)
+        negatives = inputs.negatives if self.config.hard_negatives and inputs.negatives else None
+        result = self.step_fn(
+            inputs.queries, inputs.targets, negatives, self.collator.collate, no_sync, model=module
+        )
+        return StepResult(
+            loss=float(result["loss"]),
+            samples=int(result["n"]),
+            tokens=int(result.get("tokens", 0)),
+            extra={"accuracy": float(result["accuracy"])},
+        )
+
+    def data_state(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_data_state(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    def finish(self, out_dir: Path) -> Path:
+        return save_merged(self.embedder, out_dir)

@@ -1,0 +1,57 @@
+"""Model set-up both stages share: load through ``Embedder`` (one code path for tiny and real models),
+open the trainable parts, and write the merged result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from coma.embedder import Embedder
+from coma.train.config import LoraSettings, TrainSettings
+from coma.train.loop import DistInfo, enable_activation_checkpointing, resolve_dtype
+from coma.train.trainable import make_trainable, merged_backbone
+
+
+def load_trainable_embedder(
+    model: str,
+    settings: TrainSettings,
+    lora: LoraSettings,
+    dist_info: DistInfo,
+    *,
+    num_tokens: int | None = None,
+    pooling: str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> Embedder:
+    """An Embedder whose backbone is wrapped for training (LoRA/DoRA + compression rows, or the full LM)."""
+    embedder = Embedder.from_pretrained(
+        model,
+        num_tokens=num_tokens,
+        pooling=pooling,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        device=dist_info.device,
+        dtype=resolve_dtype(settings.dtype, dist_info.device),
+        attn_implementation=settings.attn_implementation,
+    )
+    backbone = embedder.model.backbone
+    if settings.gradient_checkpointing:
+        enable_activation_checkpointing(backbone)
+    embedder.model.backbone = make_trainable(
+        backbone, embedder.adapter, embedder.model.token_ids.tolist(), lora
+    )
+    return embedder
+
+
+def save_merged(embedder: Embedder, out_dir: str | Path) -> Path:
+    """Fold the adapter and trained token rows into the weights and save a plain, loadable model folder."""
+    embedder.model.backbone = merged_backbone(embedder.model.backbone)
+    embedder.model.backbone.requires_grad_(False)
+    return embedder.save_pretrained(out_dir)
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    total = sum(parameter.numel() for parameter in module.parameters())
+    trainable = sum(parameter.numel() for parameter in module.parameters() if parameter.requires_grad)
+    return trainable, total
