@@ -171,6 +171,7 @@ def train(
                     disable=not (settings.show_progress and dist_info.is_main), dynamic_ncols=True)  # fmt: skip
     started = time.perf_counter()
     losses: list[float] = []
+    tokens_seen = 0
     module.train()
     for step in range(start_step, task.total_steps):
         step_start = time.perf_counter()
@@ -183,6 +184,7 @@ def train(
         scheduler.step()
         seconds = time.perf_counter() - step_start
         losses.append(result.loss)
+        tokens_seen += result.tokens * dist_info.world_size
         record = {
             "step": step + 1,
             "loss": result.loss,
@@ -213,6 +215,7 @@ def train(
         "resumed_from": start_step,
         "seconds": time.perf_counter() - started,
         "final_loss": losses[-1] if losses else None,
+        "tokens": tokens_seen,
         "output": str(final) if final else str(out_dir),
     }
     if dist_info.is_main:

@@ -1,0 +1,114 @@
+"""``coma eval``: evaluate a model on MMEB (or a ``benchmark.yaml`` benchmark), or compare two score files.
+
+Under ``torchrun`` every rank encodes a share of the inputs into the shared cache and rank 0 scores and reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="coma model folder (or a VLM folder / hub id)")
+    parser.add_argument(
+        "--data", help="benchmark folder: one sub-folder per dataset, optional benchmark.yaml"
+    )
+    parser.add_argument(
+        "--image-root", default=None, help="folder the image paths are relative to (default: --data)"
+    )
+    parser.add_argument("--out", help="output folder for scores.json, scores.md, scores.png (and the cache)")
+    parser.add_argument(
+        "--datasets", default=None, help="comma-separated dataset names (default: all present)"
+    )
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--cache-dir", default=None, help="embedding cache folder (default: OUT/cache)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="evaluate only the first N queries of each dataset"
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="default: bfloat16 on cuda, float32 on cpu"
+    )
+    parser.add_argument("--pooling", default=None, help="override the model's pooling")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A_SCORES", "B_SCORES"),
+        default=None,
+        help="print two scores.json side by side with deltas (B - A) and exit; needs no model",
+    )
+
+
+def _init_distributed(device: str | None) -> tuple[str | None, bool]:
+    """Join the process group when started by ``torchrun``; returns the device to use and whether we joined."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device, False
+    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return device, True
+
+
+def run(args: argparse.Namespace) -> int:
+    from coma.eval.report import compare_labels, compare_table, load_scores
+
+    if args.compare:
+        path_a, path_b = args.compare
+        label_a, label_b = compare_labels(path_a, path_b)
+        print(compare_table(load_scores(path_a), load_scores(path_b), label_a, label_b), end="")
+        return 0
+    absent = [
+        flag
+        for flag, value in (("--model", args.model), ("--data", args.data), ("--out", args.out))
+        if not value
+    ]
+    if absent:
+        raise ValueError(f"{', '.join(absent)} required (only --compare runs without a model)")
+
+    import torch
+    import torch.distributed as dist
+
+    from coma.embedder import Embedder
+    from coma.eval.report import markdown_report
+    from coma.eval.runner import evaluate
+
+    device, joined = _init_distributed(args.device)
+    try:
+        embedder = Embedder.from_pretrained(
+            args.model,
+            pooling=args.pooling,
+            device=device,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
+        )
+        scores = evaluate(
+            embedder,
+            args.data,
+            args.image_root if args.image_root is not None else args.data,
+            args.out,
+            datasets=[name.strip() for name in args.datasets.split(",") if name.strip()]
+            if args.datasets
+            else None,
+            batch_size=args.batch_size,
+            cache_dir=args.cache_dir,
+            show_progress=not args.no_progress,
+            limit=args.limit,
+            model_path=args.model,
+        )
+    finally:
+        if joined:
+            dist.destroy_process_group()
+    # torchrun sets RANK; only rank 0 wrote the reports.
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(markdown_report(scores), end="")
+        print(f"wrote {os.path.join(args.out, 'scores.json')}, scores.md, scores.png")
+    return 0

@@ -1,0 +1,343 @@
+"""The MMEB evaluation runner: read every dataset, encode each distinct input once, score, report.
+
+Phases: *reading* collects every query and candidate of every dataset as a (formatted text, image path) input and
+interns it, so an input shared by queries, candidates or datasets gets one id; *encoding* embeds the ids the cache
+lacks, sorted by (has image, text length) so batches pad little, split across ranks under ``torchrun``; *scoring*
+ranks each query's own candidates by dot product and aggregates P@1 per dataset, meta-task, split and overall.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from coma.data.formats import DataFormatError, read_mmeb_eval_dataset
+from coma.data.images import ImageLoadError, resolve_image_path
+from coma.embedder import Embedder, EncodeInput
+from coma.eval.cache import EmbeddingCache, input_key, model_fingerprint
+from coma.eval.metrics import aggregate, mrr, precision_at_1, recall_at_k
+from coma.eval.registry import Benchmark, DatasetSpec, apply_format_rule, load_benchmark, select
+from coma.eval.report import write_reports
+
+RECALL_K = 5
+
+
+@dataclass(frozen=True)
+class EvalInput:
+    """One model input after formatting; ``image`` is the path as written in the data ("" = no image)."""
+
+    text: str
+    image: str = ""
+
+
+@dataclass
+class DatasetInputs:
+    """A dataset as input ids: the query's id and its candidates' ids (candidate 0 is the positive)."""
+
+    spec: DatasetSpec
+    queries: np.ndarray
+    candidates: list[np.ndarray]
+
+
+@dataclass
+class CollectedInputs:
+    """Every distinct input of a run, its cache key, and the datasets expressed in input ids."""
+
+    inputs: list[EvalInput]
+    keys: list[str]
+    datasets: list[DatasetInputs]
+    n_total: int
+
+
+class _Interner:
+    """Gives each distinct input one id and checks it once (placeholder count, image inside its root)."""
+
+    def __init__(self, image_root: str | os.PathLike | None, placeholder: str) -> None:
+        self.image_root = image_root
+        self.placeholder = placeholder
+        self.ids: dict[EvalInput, int] = {}
+        self.inputs: list[EvalInput] = []
+        self.stats: dict[str, tuple[int, int]] = {}
+        self.n_total = 0
+
+    def add(self, text: str, image: str, source: str, row: int, fields: tuple[str, str]) -> int:
+        """Intern one input; ``fields`` name its text and image columns for error messages."""
+        self.n_total += 1
+        item = EvalInput(text, image)
+        found = self.ids.get(item)
+        if found is not None:
+            return found
+        count = text.count(self.placeholder)
+        if count > 1 or (count and not image):
+            problem = "has no image" if not image else "has more than one image"
+            raise DataFormatError(
+                source, row, fields[0], f"text holds {count} {self.placeholder!r} but the input {problem}"
+            )
+        if image and image not in self.stats:
+            try:
+                path = resolve_image_path(image, self.image_root)
+                stat = path.stat()
+            except (ImageLoadError, OSError) as error:
+                raise DataFormatError(source, row, fields[1], f"image {image!r}: {error}") from None
+            self.stats[image] = (stat.st_size, stat.st_mtime_ns)
+        self.ids[item] = len(self.inputs)
+        self.inputs.append(item)
+        return self.ids[item]
+
+    def key(self, item: EvalInput) -> str:
+        return input_key(item.text, item.image, self.stats.get(item.image))
+
+
+def collect_inputs(
+    benchmark: Benchmark,
+    data_dir: str | os.PathLike,
+    image_root: str | os.PathLike | None,
+    placeholder: str = "<|image_1|>",
+    limit: int | None = None,
+    show_progress: bool = True,
+) -> CollectedInputs:
+    """Read every dataset of ``benchmark``, format its texts and intern its inputs (first ``limit`` queries each)."""
+    interner = _Interner(image_root, placeholder)
+    datasets = []
+    for spec in tqdm(benchmark.datasets, desc="reading", unit="dataset", disable=not show_progress):
+        folder = Path(data_dir) / spec.folder
+        queries = read_mmeb_eval_dataset(folder, limit=limit)
+        if not queries:
+            raise DataFormatError(folder, None, None, f"dataset {spec.name!r} has no queries")
+        rule = spec.format_rule
+        query_ids, candidate_ids = [], []
+        for query in queries:
+            where = (query.source, query.row)
+            qry_text = apply_format_rule(query.qry_text, rule)
+            query_ids.append(interner.add(qry_text, query.qry_img_path, *where, ("qry_text", "qry_img_path")))
+            candidates = zip(query.tgt_text, query.tgt_img_path, strict=True)
+            candidate_ids.append(
+                np.array(
+                    [
+                        interner.add(
+                            apply_format_rule(text, rule),
+                            image,
+                            *where,
+                            (f"tgt_text[{j}]", f"tgt_img_path[{j}]"),
+                        )
+                        for j, (text, image) in enumerate(candidates)
+                    ],
+                    dtype=np.int64,
+                )
+            )
+        datasets.append(DatasetInputs(spec, np.array(query_ids, dtype=np.int64), candidate_ids))
+    keys = [interner.key(item) for item in interner.inputs]
+    return CollectedInputs(interner.inputs, keys, datasets, interner.n_total)
+
+
+def encoding_order(inputs: Sequence[EvalInput]) -> list[int]:
+    """Ids sorted by modality then text length (ties by content, so every rank computes the same order)."""
+    return sorted(
+        range(len(inputs)),
+        key=lambda i: (inputs[i].image != "", len(inputs[i].text), inputs[i].text, inputs[i].image),
+    )
+
+
+@torch.inference_mode()
+def encode_missing(
+    embedder: Embedder,
+    collected: CollectedInputs,
+    cache: EmbeddingCache,
+    image_root: str | os.PathLike | None,
+    batch_size: int = 32,
+    rank: int = 0,
+    world_size: int = 1,
+    show_progress: bool = True,
+) -> int:
+    """Encode this rank's share (strided over the sorted ids) of the inputs the cache lacks; returns how many."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # Striding the full order (not the missing ids) keeps the split independent of what other ranks have written.
+    mine = [i for i in encoding_order(collected.inputs)[rank::world_size] if collected.keys[i] not in cache]
+    # Evaluation may run in the middle of training (the demo does): restore the mode afterwards.
+    was_training = embedder.model.training
+    embedder.model.eval()
+    try:
+        with tqdm(total=len(mine), desc="encoding", unit="input", disable=not show_progress) as bar:
+            for start in range(0, len(mine), batch_size):
+                chunk = mine[start : start + batch_size]
+                items = [
+                    EncodeInput(collected.inputs[i].text, collected.inputs[i].image or None) for i in chunk
+                ]
+                batch = {
+                    key: value.to(embedder.device)
+                    for key, value in embedder.collate(items, image_root).items()
+                }
+                cache.add([collected.keys[i] for i in chunk], embedder.model(batch).float().cpu().numpy())
+                bar.update(len(chunk))
+        cache.flush()
+    finally:
+        embedder.model.train(was_training)
+    return len(mine)
+
+
+def query_scores(embeddings: np.ndarray, query: int, candidates: np.ndarray) -> np.ndarray:
+    """Dot products of a query with its candidates, in float64.
+
+    Each distinct candidate is scored once and the scores are copied to its repeats, so duplicated candidates tie
+    exactly (a BLAS kernel may round identical rows differently depending on where they fall).
+    """
+    unique, inverse = np.unique(candidates, return_inverse=True)
+    scores = embeddings[unique].astype(np.float64) @ embeddings[query].astype(np.float64)
+    return scores[inverse]
+
+
+def score_dataset(embeddings: np.ndarray, dataset: DatasetInputs) -> dict[str, Any]:
+    """P@1 (strict and ties), recall@5 and MRR of one dataset, with its meta-task, split and query count."""
+    rows = [
+        query_scores(embeddings, int(query), candidates)
+        for query, candidates in zip(dataset.queries, dataset.candidates, strict=True)
+    ]
+    strict, ties = precision_at_1(rows)
+    return {
+        "p@1": strict,
+        "p@1_ties": ties,
+        f"recall@{RECALL_K}": recall_at_k(rows, RECALL_K),
+        "mrr": mrr(rows),
+        "meta_task": dataset.spec.meta_task,
+        "split": dataset.spec.split,
+        "n": len(rows),
+    }
+
+
+def template_settings(embedder: Embedder) -> dict[str, Any]:
+    """Everything besides the weights that changes an embedding; part of the cache key."""
+    image_processor = embedder.processor.image_processor
+    return {
+        "coma_config": embedder.config.to_dict(),
+        "dtype": str(next(embedder.model.parameters()).dtype),
+        "image_block": embedder.adapter.image_block,
+        "image_processor_size": dict(getattr(image_processor, "size", None) or {}),
+        "vocab_size": len(embedder.processor.tokenizer),
+        "token_ids": embedder.model.token_ids.tolist(),
+    }
+
+
+def backbone_config(embedder: Embedder) -> dict[str, Any]:
+    """The backbone's config without fields that name where it was loaded from."""
+    config = embedder.model.backbone.config.to_dict()
+    return {
+        key: value
+        for key, value in config.items()
+        if not key.startswith("_") and key != "transformers_version"
+    }
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()
+
+
+def evaluate(
+    embedder: Embedder,
+    data_dir: str | os.PathLike,
+    image_root: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    datasets: Sequence[str] | None = None,
+    batch_size: int = 32,
+    cache_dir: str | os.PathLike | None = None,
+    show_progress: bool = True,
+    *,
+    limit: int | None = None,
+    flush_every: int = 8,
+    model_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``embedder`` on the benchmark under ``data_dir`` and write ``scores.{json,md,png}`` to ``out_dir``.
+
+    Returns the scores dict (every rank gets it under ``torchrun``; only rank 0 writes the reports). ``limit``
+    keeps the first queries of each dataset; ``flush_every`` is how many encoded batches go into one cache shard;
+    ``model_path`` is only recorded in the settings.
+    """
+    started = time.perf_counter()
+    rank, world_size = _distributed()
+    progress = show_progress and rank == 0
+    out_dir = Path(out_dir)
+    benchmark = select(load_benchmark(data_dir), list(datasets) if datasets is not None else None)
+    if not benchmark.datasets:
+        raise FileNotFoundError(
+            f"{data_dir}: none of the {len(benchmark.missing)} datasets of benchmark {benchmark.name!r} is present "
+            f"(looked for folders {', '.join(benchmark.missing[:5])}, ...)"
+        )
+    collected = collect_inputs(
+        benchmark, data_dir, image_root, embedder.config.image_placeholder, limit, show_progress=progress
+    )
+    fingerprint = model_fingerprint(embedder.model, backbone_config(embedder))
+    cache = EmbeddingCache(
+        Path(cache_dir) if cache_dir is not None else out_dir / "cache",
+        fingerprint,
+        template_settings(embedder),
+        rank=rank,
+        flush_every=flush_every,
+    )
+    n_missing = len(cache.missing(collected.keys))
+    # Every rank has read the cache before any rank writes to it, so n_missing agrees across ranks.
+    _barrier(world_size)
+    encode_started = time.perf_counter()
+    encode_missing(
+        embedder, collected, cache, image_root, batch_size, rank, world_size, show_progress=progress
+    )
+    encode_seconds = time.perf_counter() - encode_started
+    _barrier(world_size)
+    scores: dict[str, Any] = {}
+    if rank == 0:
+        cache.refresh()
+        embeddings = cache.get(collected.keys)
+        per_dataset = {
+            dataset.spec.name: score_dataset(embeddings, dataset)
+            for dataset in tqdm(collected.datasets, desc="scoring", unit="dataset", disable=not progress)
+        }
+        config = embedder.config
+        settings = {
+            "pooling": config.pooling,
+            "min_pixels": config.min_pixels,
+            "max_pixels": config.max_pixels,
+            "dtype": str(next(embedder.model.parameters()).dtype).removeprefix("torch."),
+            "template_version": config.template_version,
+            "format_rule": ",".join(sorted({d.spec.format_rule.version for d in collected.datasets})),
+            "model_fingerprint": fingerprint,
+            "model": str(model_path or embedder.model.backbone.name_or_path),
+            "benchmark": benchmark.name,
+            "data_dir": str(data_dir),
+            "limit": limit,
+            "batch_size": batch_size,
+            "world_size": world_size,
+            "n_inputs": collected.n_total,
+            "n_unique_inputs": len(collected.inputs),
+            "n_encoded": n_missing,
+            "n_cached": len(collected.inputs) - n_missing,
+            "encode_seconds": round(encode_seconds, 3),
+            "seconds": round(time.perf_counter() - started, 3),
+            "cache": str(cache.folder),
+        }
+        scores = {
+            "datasets": per_dataset,
+            **aggregate(per_dataset),
+            "settings": settings,
+            "missing": benchmark.missing,
+        }
+        write_reports(scores, out_dir)
+    if world_size == 1:
+        return scores
+    box = [scores]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
