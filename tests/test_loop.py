@@ -73,9 +73,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 def test_half_written_checkpoint_is_ignored_and_old_ones_pruned(tmp_path):
     train(ToyTask(10), TrainSettings(**SETTINGS, keep_checkpoints=2), tmp_path, dist_info=DistInfo())
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["step-0000006", "step-0000009"]
+    assert names == ["step-0000009", "step-0000010"]  # the final step is always saved
     (tmp_path / "checkpoints" / "step-0000012.partial").mkdir()
-    assert latest_checkpoint(tmp_path).name == "step-0000009"
+    assert latest_checkpoint(tmp_path).name == "step-0000010"
 
 
 def test_cosine_schedule_with_warmup(tmp_path):
@@ -88,7 +88,7 @@ def test_cosine_schedule_with_warmup(tmp_path):
 
 def test_resume_with_another_world_size_is_refused(tmp_path):
     train(ToyTask(4), TrainSettings(**SETTINGS), tmp_path, dist_info=DistInfo())
-    state_file = tmp_path / "checkpoints" / "step-0000003" / "trainer_state.json"
-    state_file.write_text(json.dumps({"step": 3, "world_size": 2}))
+    state_file = latest_checkpoint(tmp_path) / "trainer_state.json"
+    state_file.write_text(json.dumps({"step": 4, "world_size": 2}))
     with pytest.raises(ValueError, match="2 process"):
         train(ToyTask(4), TrainSettings(**SETTINGS), tmp_path, dist_info=DistInfo(), resume=True)

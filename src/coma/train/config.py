@@ -15,6 +15,8 @@ class LoraSettings:
     full_finetune: bool = field(
         default=False, metadata={"help": "train the whole language model instead of LoRA"}
     )
+    # Only for turning a random model into a small VLM (the demo's stage 0); the paper keeps the ViT frozen.
+    train_vision: bool = field(default=False, metadata={"help": "with full_finetune, also train the vision tower"})
 
 
 @dataclass

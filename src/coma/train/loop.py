@@ -199,7 +199,7 @@ def train(
         progress.set_postfix(loss=f"{result.loss:.4f}", lr=f"{learning_rate:.2e}",
                              tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)  # fmt: skip
         progress.update(1)
-        if (step + 1) % settings.save_every == 0 and step + 1 < task.total_steps:
+        if (step + 1) % settings.save_every == 0 or step + 1 == task.total_steps:
             save_checkpoint(
                 out_dir, step + 1, module, optimizer, scheduler, task, dist_info, settings.keep_checkpoints
             )

@@ -28,8 +28,10 @@ def make_trainable(
         for name, parameter in backbone.named_parameters():
             if "language_model" in name and "norm" in name:
                 parameter.requires_grad_(True)
-        adapter.vision_tower(backbone).requires_grad_(False)
+        adapter.vision_tower(backbone).requires_grad_(lora.train_vision)
         return backbone
+    if lora.train_vision:
+        raise ValueError("train_vision needs full_finetune (LoRA targets the language model only)")
     config = LoraConfig(
         target_modules=adapter.lora_target_regex,
         r=lora.r,

@@ -1,0 +1,161 @@
+"""Stage 1 — compression pre-training with the attention bottleneck (DESIGN §2.2).
+
+Also the demo's "stage 0" (``layout: chat``): plain instruction tuning that turns a random tiny model into a VLM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from coma.data.formats import Conversation, read_conversations
+from coma.data.sampling import BlockMixtureSampler
+from coma.train.config import LoraSettings, TrainSettings
+from coma.train.loop import DistInfo, StepResult
+from coma.train.setup import load_trainable_embedder, save_merged
+from coma.train.stage1_data import Stage1Collator
+from coma.train.stage1_model import Stage1Objective
+
+
+@dataclass
+class CompressConfig:
+    model: str = field(default="", metadata={"help": "VLM folder or hub id (compression tokens are added)"})
+    data: list[str] | str = field(
+        default_factory=list, metadata={"help": "conversation file(s), JSON or JSONL"}
+    )
+    data_weights: list[float] | None = field(default=None, metadata={"help": "mixing weight per data file"})
+    image_root: str | None = None
+    out: str = ""
+    num_tokens: int | None = field(default=None, metadata={"help": "T (default 32, or the model folder's)"})
+    mask_mode: str = field(default="bottleneck", metadata={"help": "bottleneck | none | split_layer"})
+    split_layer: int | None = None
+    bidirectional_c: bool = False
+    supervise: str = field(default="answers", metadata={"help": "answers | dialogue"})
+    layout: str = field(
+        default="compress", metadata={"help": "compress | chat (plain SFT, the demo's stage 0)"}
+    )
+    max_length: int = 8192
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    skip_bad: bool = False
+    train: TrainSettings = field(default_factory=TrainSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+
+    def validate(self) -> None:
+        for name in ("model", "data", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"coma compress needs --{name}")
+        if self.data_weights is not None and len(self.data_weights) != len(self.data):
+            raise ValueError(f"{len(self.data_weights)} data weights for {len(self.data)} data files")
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            raise ValueError(
+                "global_batch_size must be a multiple of micro_batch_size (times the process count)"
+            )
+
+
+class CompressTask:
+    """Stage-1 training task for :func:`coma.train.loop.train`."""
+
+    def __init__(self, config: CompressConfig, dist_info: DistInfo, with_data: bool = True) -> None:
+        self.config = config
+        self.dist_info = dist_info
+        self.embedder = load_trainable_embedder(
+            config.model,
+            config.train,
+            config.lora,
+            dist_info,
+            num_tokens=config.num_tokens,
+            min_pixels=config.min_pixels,
+            max_pixels=config.max_pixels,
+        )
+        self.module: nn.Module = Stage1Objective(
+            self.embedder.model.backbone,
+            self.embedder.adapter,
+            mask_mode=config.mask_mode,
+            split_layer=config.split_layer,
+            bidirectional_c=config.bidirectional_c,
+        )
+        self.total_steps = 0
+        if not with_data:
+            return
+        self.sources: dict[str, list[Conversation]] = {}
+        skipped = 0
+        for index, path in enumerate(config.data):
+            records, bad = read_conversations(path, skip_bad=config.skip_bad)
+            if not records:
+                raise ValueError(f"{path}: no usable conversation records")
+            self.sources[f"{index}:{path}"] = records
+            skipped += bad
+        if skipped and dist_info.is_main:
+            print(f"compress: skipped {skipped} malformed record(s) (--skip-bad)")
+        weights = dict(zip(self.sources, config.data_weights, strict=True)) if config.data_weights else None
+        # Block size 1: each example is drawn from a file chosen by weight.
+        self.sampler = BlockMixtureSampler(
+            subset_sizes={name: len(records) for name, records in self.sources.items()},
+            weights=weights,
+            global_batch_size=config.train.global_batch_size,
+            block_size=1,
+            seed=config.train.seed,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+        )
+        self.collator = Stage1Collator(
+            self.embedder.processor,
+            self.embedder.config,
+            image_root=config.image_root,
+            max_length=config.max_length,
+            supervise=config.supervise,
+            layout=config.layout,
+            image_block=self.embedder.adapter.image_block,
+        )
+        total = sum(len(records) for records in self.sources.values())
+        self.total_steps = config.train.max_steps or max(
+            1, math.ceil(config.train.num_epochs * total / config.train.global_batch_size)
+        )
+
+    def step(self, module: nn.Module, no_sync: Callable[[], AbstractContextManager]) -> StepResult:
+        keys = self.sampler.next_batch()
+        records = [self.sources[name][index] for name, index in keys]
+        micro = self.config.train.micro_batch_size
+        chunks = [records[start : start + micro] for start in range(0, len(records), micro)]
+        device = self.dist_info.device
+        loss_sum, tokens, dropped = 0.0, 0, 0
+        for index, chunk in enumerate(chunks):
+            batch = self.collator(chunk)
+            dropped += int(batch.pop("dropped", 0))
+            batch.pop("dropped_turns", None)
+            batch = {
+                key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()
+            }
+            last = index == len(chunks) - 1
+            with nullcontext() if last else no_sync():
+                output = module(batch)
+                (output.loss / len(chunks)).backward()
+            loss_sum += float(output.loss.detach())
+            tokens += int(output.total_tokens)
+        loss = loss_sum / len(chunks)
+        if self.dist_info.distributed:
+            reduced = torch.tensor([loss, float(dropped)], device=device)
+            dist.all_reduce(reduced)
+            loss, dropped = float(reduced[0]) / self.dist_info.world_size, int(reduced[1])
+        return StepResult(loss=loss, samples=len(records), tokens=tokens, extra={"dropped": dropped})
+
+    def data_state(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_data_state(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    def finish(self, out_dir: Path) -> Path:
+        return save_merged(self.embedder, out_dir)

@@ -1,0 +1,183 @@
+"""Stage-1 forward and loss: the backbone's LM under the compression bottleneck (DESIGN §2.2).
+
+``Stage1Objective(backbone, adapter)(batch)`` takes a :class:`coma.train.stage1_data.Stage1Collator` batch, builds
+the 4-D additive attention mask once (in the model's dtype), computes M-RoPE position ids from the 2-D padding
+mask, runs the ``…ForConditionalGeneration`` model and returns the shifted token cross-entropy over the supervised
+tokens. Logits are computed (and upcast to fp32) only at positions whose next token is supervised.
+
+``mask_mode="split_layer"`` reproduces the released code's layer-split variant: decoder layers below
+``split_layer`` get the lower mask, the others the upper one. The swap is done by forward pre-hooks on the decoder
+layers that replace their ``attention_mask`` keyword; transformers checkpoints a layer's ``forward`` inside
+``__call__`` (after the hooks), so gradient checkpointing recomputes with the swapped mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from coma.backbones.base import BackboneAdapter
+from coma.masks import compression_attention_mask, per_layer_masks, split_layer_masks
+from coma.train.stage1_data import IGNORE_INDEX
+
+__all__ = ["MASK_MODES", "REDUCTIONS", "Stage1Objective", "Stage1Output", "layer_masks"]
+
+MASK_MODES = ("bottleneck", "none", "split_layer")
+REDUCTIONS = ("mean", "sum")
+_MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+@dataclass
+class Stage1Output:
+    """``loss`` (mean or sum over supervised tokens), and token counts of the micro-batch for logging."""
+
+    loss: Tensor
+    supervised_tokens: int
+    total_tokens: int
+
+
+def _swap_attention_mask(mask: Tensor, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    if "attention_mask" not in kwargs:
+        # A transformers release that passes the mask positionally would silently bypass the split.
+        raise RuntimeError(
+            f"{type(module).__name__} was called without an attention_mask keyword; the split-layer masks "
+            "cannot be applied with this transformers version"
+        )
+    return args, {**kwargs, "attention_mask": mask}
+
+
+@contextlib.contextmanager
+def layer_masks(layers: Sequence[nn.Module], masks: Sequence[Tensor]) -> Iterator[None]:
+    """Within the block, decoder layer ``i`` attends with ``masks[i]`` whatever mask the model passes it."""
+    if len(layers) != len(masks):
+        raise ValueError(f"{len(layers)} decoder layers but {len(masks)} masks")
+    handles = [
+        layer.register_forward_pre_hook(partial(_swap_attention_mask, mask), with_kwargs=True)
+        for layer, mask in zip(layers, masks, strict=True)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _compute_dtype(backbone: nn.Module) -> torch.dtype:
+    """The dtype the language model computes in: that of its input embeddings (LoRA weights may be fp32)."""
+    embeddings = backbone.get_input_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, Tensor):
+        return weight.dtype
+    return next(p.dtype for p in embeddings.parameters() if p.is_floating_point())
+
+
+class Stage1Objective(nn.Module):
+    """Shifted token cross-entropy of the dialogue under the stage-1 attention mask.
+
+    ``backbone`` is the (possibly peft-wrapped) ``…ForConditionalGeneration`` model, ``adapter`` its family adapter.
+    ``mask_mode``: ``"bottleneck"`` (dialogue never sees image/prompt tokens, at every layer), ``"none"`` (plain
+    causal, as the released code runs) or ``"split_layer"`` with ``split_layer=k`` (1 <= k < number of layers).
+    ``bidirectional_c`` lets the compression tokens see each other both ways (not with ``split_layer``).
+    ``reduction="mean"`` divides by the supervised tokens of the micro-batch; ``"sum"`` leaves that to the caller
+    (for a token-weighted mean across gradient-accumulation steps and ranks).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        adapter: BackboneAdapter,
+        *,
+        mask_mode: str = "bottleneck",
+        split_layer: int | None = None,
+        bidirectional_c: bool = False,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if mask_mode == "split_layer":
+            if split_layer is None:
+                raise ValueError("mask_mode='split_layer' needs split_layer=k")
+            if bidirectional_c:
+                raise ValueError("bidirectional_c is not available with mask_mode='split_layer'")
+            num_layers = len(adapter.decoder_layers(backbone))
+            if not 0 < split_layer < num_layers:
+                raise ValueError(
+                    f"split_layer must be in [1, {num_layers - 1}] for {num_layers} layers, got {split_layer}"
+                )
+        elif split_layer is not None:
+            raise ValueError(f"split_layer={split_layer} is only used with mask_mode='split_layer'")
+        self.backbone = backbone
+        self.adapter = adapter
+        self.mask_mode = mask_mode
+        self.split_layer = split_layer
+        self.bidirectional_c = bidirectional_c
+        self.reduction = reduction
+
+    def attention_masks(self, batch: dict[str, Any]) -> list[Tensor] | Tensor:
+        """The 4-D additive mask of the batch, or one per decoder layer (shared tensors) for ``split_layer``."""
+        padding = batch["attention_mask"]
+        dtype = _compute_dtype(self.backbone)
+        if self.mask_mode == "split_layer":
+            lower, upper = split_layer_masks(
+                padding, batch["c_start"], batch["c_end"], batch["answer_start"], dtype=dtype
+            )
+            layers = self.adapter.decoder_layers(self.backbone)
+            return per_layer_masks(len(layers), self.split_layer, lower, upper)
+        return compression_attention_mask(
+            padding,
+            batch["c_start"],
+            batch["c_end"],
+            mode=self.mask_mode,
+            bidirectional_c=self.bidirectional_c,
+            dtype=dtype,
+        )
+
+    def backbone_outputs(self, batch: dict[str, Any], **kwargs: Any) -> Any:
+        """Run the backbone on the batch under this objective's masks; ``kwargs`` go to its forward."""
+        masks = self.attention_masks(batch)
+        position_ids = batch.get("position_ids")
+        if position_ids is None:
+            position_ids = self.adapter.position_ids(self.backbone, batch)
+        inputs = {key: batch[key] for key in _MODEL_INPUTS if batch.get(key) is not None}
+        if isinstance(masks, list):
+            context = layer_masks(self.adapter.decoder_layers(self.backbone), masks)
+            model_mask = masks[0]
+        else:
+            context, model_mask = contextlib.nullcontext(), masks
+        with context:
+            return self.backbone(
+                **inputs, attention_mask=model_mask, position_ids=position_ids, use_cache=False, **kwargs
+            )
+
+    def forward(self, batch: dict[str, Any]) -> Stage1Output:
+        labels = batch["labels"]
+        total = int(batch["attention_mask"].sum())
+        # Position i predicts token i + 1: keep the hidden states whose next token is supervised.
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        targets = labels[:, 1:][keep[:, :-1]]
+        supervised = targets.numel()
+        if supervised == 0:
+            return Stage1Output(self._zero_loss(), 0, total)
+        logits = self.backbone_outputs(batch, logits_to_keep=keep).logits
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        if self.reduction == "mean":
+            loss = loss / supervised
+        return Stage1Output(loss, supervised, total)
+
+    def _zero_loss(self) -> Tensor:
+        """A zero loss that still reaches every trainable parameter, so DDP's gradient hooks fire on every rank."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        if not trainable:
+            return torch.zeros((), device=next(self.parameters()).device)
+        return sum((p.sum() * 0.0).float() for p in trainable)

@@ -1,0 +1,267 @@
+"""Stage-2 (matching) data: MMEB-train pairs by subset, and the collator that turns them into model inputs.
+
+``PairDataset`` holds the selected subsets (capped by ``num_sample_per_subset``) and answers
+``get(subset, index)`` for the ``(subset, index)`` keys a :class:`coma.data.sampling.BlockMixtureSampler`
+draws. ``PairCollator`` turns a list of pairs into query / target / hard-negative ``EncodeInput`` lists and
+those into processor batches (``Embedder.collate`` formats the text: image block, compression tokens).
+
+Every row is checked when the dataset is built, so a bad row stops the run before the first step rather
+than hours into it; errors name the data file, the row and the field.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from coma.config import ComaConfig
+from coma.data.formats import DataFormatError, TrainPair, list_data_subsets, read_mmeb_train_subset
+from coma.data.images import ImageLoadError, resolve_image_path
+from coma.embedder import EncodeInput
+
+__all__ = [
+    "PairBatch",
+    "PairCollator",
+    "PairDataset",
+    "PairInputs",
+    "pair_inputs",
+]
+
+# The query / target / negative sides of a row: (text field, image field).
+QUERY_FIELDS = ("qry", "qry_image_path")
+TARGET_FIELDS = ("pos_text", "pos_image_path")
+NEGATIVE_FIELDS = ("neg_text", "neg_image_path")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One row -> model inputs
+
+
+def _side(pair: TrainPair, fields: tuple[str, str], placeholder: str, required: bool) -> EncodeInput | None:
+    """The ``EncodeInput`` of one side of a row, or None for an absent optional side (hard negative)."""
+    text_field, image_field = fields
+    text: str = getattr(pair, text_field)
+    image: str = getattr(pair, image_field)
+    if not text.strip() and not image:
+        if not required:
+            return None
+        raise DataFormatError(
+            pair.source, pair.row, text_field, f"empty: neither '{text_field}' nor '{image_field}' is set"
+        )
+    count = text.count(placeholder)
+    if count > 1:
+        raise DataFormatError(
+            pair.source,
+            pair.row,
+            text_field,
+            f"{count} image placeholders {placeholder!r}; one image per input",
+        )
+    if count and not image:
+        raise DataFormatError(
+            pair.source, pair.row, text_field, f"contains {placeholder!r} but '{image_field}' is empty"
+        )
+    return EncodeInput(text=text, image=image or None)
+
+
+def pair_inputs(
+    pair: TrainPair, placeholder: str = ComaConfig.image_placeholder
+) -> tuple[EncodeInput, EncodeInput, EncodeInput | None]:
+    """(query, target, hard negative or None) of one row; raises ``DataFormatError`` for a malformed row.
+
+    Image paths stay relative (resolved against the image root when collated).
+    """
+    return (
+        _side(pair, QUERY_FIELDS, placeholder, required=True),
+        _side(pair, TARGET_FIELDS, placeholder, required=True),
+        _side(pair, NEGATIVE_FIELDS, placeholder, required=False),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dataset
+
+
+def _check_names(root: Path, what: str, names: Sequence[str], available: Sequence[str]) -> None:
+    unknown = sorted(set(names) - set(available))
+    if unknown:
+        raise ValueError(
+            f"{root}: {what} name unknown subset(s) {', '.join(unknown)}; "
+            f"available: {', '.join(available) or '(none)'}"
+        )
+
+
+def _check_caps(caps: Mapping[str, int]) -> None:
+    for name, cap in caps.items():
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise ValueError(f"num_sample_per_subset[{name!r}] must be a positive integer, got {cap!r}")
+
+
+def _resolve_weights(selected: Sequence[str], weights: Mapping[str, float]) -> dict[str, float]:
+    resolved = {}
+    for name in selected:
+        weight = weights.get(name, 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ValueError(f"weight of subset {name!r} must be a number >= 0, got {weight!r}")
+        resolved[name] = float(weight)
+    if not any(resolved.values()):
+        raise ValueError(f"every selected subset has weight 0: {resolved}")
+    return resolved
+
+
+@dataclass
+class PairDataset:
+    """The selected MMEB-train subsets in memory: ``pairs[subset][index]``; ``weights`` feed the sampler."""
+
+    root: Path
+    pairs: dict[str, list[TrainPair]]
+    weights: dict[str, float]
+
+    @classmethod
+    def from_config(
+        cls,
+        root: str | os.PathLike,
+        subsets: Sequence[str] | None = None,
+        weights: Mapping[str, float] | None = None,
+        caps: Mapping[str, int] | None = None,
+        split: str | None = None,
+        image_placeholder: str = ComaConfig.image_placeholder,
+    ) -> PairDataset:
+        """Read the subsets of an MMEB-train root (one folder per subset).
+
+        ``subsets`` None selects every subset folder. ``weights`` (default 1.0 each) and ``caps`` (the paper's
+        ``num_sample_per_subset``: the first N rows of a subset) may name subsets that exist but are not
+        selected (a recipe lists all 20 while a run selects a few); names that do not exist are errors.
+        ``split`` picks ``{split}-*.parquet`` / ``{split}.jsonl`` files (the hub has ``original`` and
+        ``diverse_instruction``); None reads every file. ``image_placeholder`` is the one the model's coma
+        config uses (rows are checked against it).
+        """
+        root = Path(root)
+        available = list_data_subsets(root)
+        if not available:
+            raise DataFormatError(root, None, None, "no subset folders holding data files")
+        selected = list(available if subsets is None else subsets)
+        if not selected:
+            raise ValueError(f"{root}: no subsets selected")
+        duplicates = sorted({name for name in selected if selected.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"{root}: subset(s) selected more than once: {', '.join(duplicates)}")
+        _check_names(root, "the selected subsets", selected, available)
+        weights = dict(weights or {})
+        caps = dict(caps or {})
+        _check_names(root, "the weights", list(weights), available)
+        _check_names(root, "num_sample_per_subset", list(caps), available)
+        _check_caps(caps)
+        resolved_weights = _resolve_weights(selected, weights)
+
+        pairs: dict[str, list[TrainPair]] = {}
+        for name in selected:
+            rows = read_mmeb_train_subset(root / name, subset=name, split=split, limit=caps.get(name))
+            if not rows:
+                raise DataFormatError(
+                    root / name, None, None, "no rows" + (f" in split '{split}'" if split else "")
+                )
+            for pair in rows:
+                pair_inputs(pair, image_placeholder)
+            pairs[name] = rows
+        return cls(root=root, pairs=pairs, weights=resolved_weights)
+
+    @property
+    def subsets(self) -> list[str]:
+        return list(self.pairs)
+
+    @property
+    def subset_sizes(self) -> dict[str, int]:
+        """Rows per subset (after caps): the ``subset_sizes`` of ``BlockMixtureSampler``."""
+        return {name: len(rows) for name, rows in self.pairs.items()}
+
+    def __len__(self) -> int:
+        return sum(len(rows) for rows in self.pairs.values())
+
+    def get(self, subset: str, index: int) -> TrainPair:
+        rows = self.pairs.get(subset)
+        if rows is None:
+            raise KeyError(f"subset {subset!r} is not loaded; loaded: {', '.join(self.pairs)}")
+        if not 0 <= index < len(rows):
+            raise IndexError(f"index {index} out of range for subset {subset!r} ({len(rows)} rows)")
+        return rows[index]
+
+    def get_many(self, keys: Sequence[tuple[str, int]]) -> list[TrainPair]:
+        """The pairs for a sampler batch of ``(subset, index)`` keys, in order."""
+        return [self.get(subset, index) for subset, index in keys]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collation
+
+
+class EmbedderLike(Protocol):
+    """What the collator needs from an ``Embedder``: its coma config and its ``collate``."""
+
+    @property
+    def config(self) -> ComaConfig: ...
+
+    def collate(self, items: Sequence[EncodeInput], image_root: str | os.PathLike | None = None) -> dict: ...
+
+
+@dataclass(frozen=True)
+class PairInputs:
+    """The model inputs of a list of pairs; ``negatives`` holds one entry per row that has a hard negative."""
+
+    queries: list[EncodeInput]
+    targets: list[EncodeInput]
+    negatives: list[EncodeInput]
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """Processor batches of a list of pairs; ``negative`` is None when no row has a hard negative."""
+
+    query: dict
+    target: dict
+    negative: dict | None
+
+
+class PairCollator:
+    """Pairs -> query / target / hard-negative inputs -> processor batches (through ``embedder.collate``)."""
+
+    def __init__(self, embedder: EmbedderLike, image_root: str | os.PathLike | None) -> None:
+        self.embedder = embedder
+        self.image_root = image_root
+        self.placeholder = embedder.config.image_placeholder
+
+    def inputs(self, pairs: Sequence[TrainPair]) -> PairInputs:
+        """Split rows into the three groups; image files are checked here so errors name the data row."""
+        queries, targets, negatives = [], [], []
+        for pair in pairs:
+            query, target, negative = pair_inputs(pair, self.placeholder)
+            queries.append(self._checked(pair, QUERY_FIELDS[1], query))
+            targets.append(self._checked(pair, TARGET_FIELDS[1], target))
+            if negative is not None:
+                negatives.append(self._checked(pair, NEGATIVE_FIELDS[1], negative))
+        return PairInputs(queries, targets, negatives)
+
+    def collate(self, items: Sequence[EncodeInput]) -> dict:
+        """Processor batch of some inputs: the ``collate`` that ``ContrastiveStep`` calls per chunk."""
+        return self.embedder.collate(items, self.image_root)
+
+    def __call__(self, pairs: Sequence[TrainPair]) -> PairBatch:
+        groups = self.inputs(pairs)
+        return PairBatch(
+            query=self.collate(groups.queries),
+            target=self.collate(groups.targets),
+            negative=self.collate(groups.negatives) if groups.negatives else None,
+        )
+
+    def _checked(self, pair: TrainPair, image_field: str, item: EncodeInput) -> EncodeInput:
+        if item.image is None:
+            return item
+        try:
+            path = resolve_image_path(item.image, self.image_root)
+        except ImageLoadError as error:
+            raise DataFormatError(pair.source, pair.row, image_field, str(error)) from None
+        if not path.is_file():
+            raise DataFormatError(pair.source, pair.row, image_field, f"image not found: {path}")
+        return item
