@@ -85,8 +85,9 @@ class ContrastiveStep:
     symmetric). ``query_chunk_size`` / ``target_chunk_size``: inputs per forward (None: the whole group in
     one forward); hard negatives use the target chunk size. ``use_grad_cache``: GradCache (memory of one
     chunk) or the plain step (every chunk encoded with grad, then one backward; the same gradients).
-    ``dummy_image``: append a dummy image to image-less chunks (see the module docstring); turn it off only
-    for single-process runs, where it changes nothing but costs one extra row per text-only chunk.
+    ``dummy_image``: append a dummy image to image-less chunks (see the module docstring). It costs one extra
+    row per text-only chunk, and the chunk is padded to the dummy's length (its visual tokens follow the
+    processor's ``min_pixels``); turn it off only for single-process runs. Empty padding chunks always get it.
     """
 
     def __init__(

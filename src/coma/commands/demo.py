@@ -1,0 +1,30 @@
+"""``coma demo``: the whole pipeline on a laptop CPU, comparing CoMa against matching-only baselines."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="output folder (caches the world and stage 0)")
+    parser.add_argument("--quick", action="store_true", help="a ~1-minute smoke run (small world, few steps)")
+    parser.add_argument("--seeds", type=int, default=1, help="repeat with N seeds and report mean ± std")
+    parser.add_argument("--num-tokens", type=int, default=None, help="compression tokens T")
+    parser.add_argument("--stage2-steps", type=int, default=None)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from coma.demo import DemoConfig, quick_config, run_demo
+
+    config = DemoConfig(out=args.out, seeds=args.seeds, show_progress=not args.no_progress)
+    if args.quick:
+        config = quick_config(config)
+    if args.num_tokens is not None:
+        config = replace(config, num_tokens=args.num_tokens)
+    if args.stage2_steps is not None:
+        config = replace(config, stage2_steps=args.stage2_steps)
+    run_demo(config)
+    return 0
