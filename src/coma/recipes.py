@@ -87,8 +87,8 @@ def config_from_args(cls: type[T], args: argparse.Namespace, config_file: str | 
 
 def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>") -> T:
     types_ = _field_types(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"{source}: unknown field(s) for {cls.__name__}: {', '.join(unknown)}")
     kwargs = {}
@@ -97,7 +97,13 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>") -> T:
         if _is_dataclass_type(tp):
             if not isinstance(value, dict):
                 raise ValueError(f"{source}: section {name!r} must be a mapping")
-            value = from_dict(tp, value, source=f"{source}:{name}")
+            section = from_dict(tp, value, source=f"{source}:{name}")
+            # A section overrides the parent's own defaults for it (e.g. stage 2's batch of 1024), not the section
+            # class's generic ones.
+            default = fields[name].default_factory
+            if default is not dataclasses.MISSING:
+                section = dataclasses.replace(default(), **{key: getattr(section, key) for key in value})
+            value = section
         kwargs[name] = value
     return cls(**kwargs)
 

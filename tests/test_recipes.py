@@ -1,0 +1,64 @@
+"""Recipes in configs/ map 1:1 onto the config dataclasses; CLI flags override recipe fields."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+
+from coma.recipes import add_config_arguments, config_from_args, from_dict
+from coma.train.compress import CompressConfig
+from coma.train.match import MatchConfig
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CLASSES = {"compress": CompressConfig, "match": MatchConfig}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_recipe_parses(path):
+    config_class = CLASSES[path.name.split("_")[0]]
+    config = from_dict(config_class, yaml.safe_load(path.read_text()), source=str(path))
+    assert config.train.global_batch_size > 0
+
+
+def test_paper_recipes_hold_the_paper_settings():
+    compress = from_dict(
+        CompressConfig, yaml.safe_load(Path(CONFIGS[0].parent / "compress_qwen2_5_vl_3b.yaml").read_text())
+    )
+    assert (compress.num_tokens, compress.train.learning_rate, compress.train.global_batch_size) == (
+        32,
+        5e-5,
+        256,
+    )
+    assert (compress.lora.r, compress.lora.alpha, compress.lora.dropout, compress.lora.dora) == (
+        16,
+        64,
+        0.1,
+        True,
+    )
+    assert (compress.min_pixels, compress.max_pixels) == (256 * 28 * 28, 1024 * 28 * 28)
+    match = from_dict(
+        MatchConfig, yaml.safe_load(Path(CONFIGS[0].parent / "match_qwen2_5_vl_7b.yaml").read_text())
+    )
+    assert (match.train.max_steps, match.train.global_batch_size, match.temperature) == (1500, 1024, 0.03)
+    assert (match.query_chunk_size, match.target_chunk_size, len(match.subsets)) == (4, 4, 20)
+
+
+def test_flags_override_the_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("temperature: 0.05\ntrain: {learning_rate: 0.001, max_steps: 10}\n")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, MatchConfig)
+    args = parser.parse_args(["--train.max-steps", "3", "--model", "m"])
+    config = config_from_args(MatchConfig, args, config_file=str(recipe))
+    assert (config.temperature, config.train.learning_rate, config.train.max_steps) == (0.05, 0.001, 3)
+    assert config.model == "m" and config.train.global_batch_size == 1024  # untouched default
+
+
+def test_unknown_recipe_field_is_an_error(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("train: {learning_rat: 0.1}\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        config_from_args(MatchConfig, argparse.Namespace(), config_file=str(recipe))
