@@ -17,25 +17,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def read_encode_inputs(path: Path) -> list[dict]:
+def read_encode_inputs(path: Path) -> list:
     """Read the JSONL input; image paths are relative to the file's folder."""
+    from coma.embedder import EncodeInput, as_encode_input
     from coma.io import iter_jsonl
 
     items = []
     for line_number, row in iter_jsonl(path):
-        unknown = set(row) - {"text", "image"}
-        if unknown:
-            raise ValueError(
-                f"{path}:{line_number}: unknown field(s) {sorted(unknown)}; expected 'text', 'image'"
-            )
-        text, image = row.get("text") or "", row.get("image") or None
-        if not isinstance(text, str):
-            raise ValueError(f"{path}:{line_number}: field 'text' must be a string")
-        if image is not None and not isinstance(image, str):
+        try:
+            item = as_encode_input(row)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}:{line_number}: {error}") from None
+        if item.image is not None and not isinstance(item.image, str):
             raise ValueError(f"{path}:{line_number}: field 'image' must be a path string")
-        if not text and image is None:
-            raise ValueError(f"{path}:{line_number}: needs a 'text' or an 'image'")
-        items.append({"text": text, "image": str(path.parent / image) if image else None})
+        items.append(EncodeInput(item.text, str(path.parent / item.image) if item.image else None))
     return items
 
 

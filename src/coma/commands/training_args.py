@@ -1,4 +1,4 @@
-"""CLI flags shared by the training commands: a recipe file, resume, and one flag per config field."""
+"""What ``coma compress`` and ``coma match`` share: a recipe file, resume, and one flag per config field."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import argparse
 from coma.recipes import add_config_arguments, config_from_args
 
 
-def add_training_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+def add_stage_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
+    from coma.train.run import stage_classes
+
+    config_class, _ = stage_classes(stage)
     parser.add_argument(
         "--config", default=None, help="YAML recipe (see configs/); flags override its fields"
     )
@@ -17,6 +20,14 @@ def add_training_arguments(parser: argparse.ArgumentParser, config_class: type) 
     add_config_arguments(parser, config_class)
 
 
-def stage_config(config_class: type, args: argparse.Namespace):
-    overrides = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("resume",)})
-    return config_from_args(config_class, overrides, config_file=args.config)
+def run_stage_command(stage: str, args: argparse.Namespace) -> int:
+    from coma.train.run import run_stage, stage_classes
+
+    config_class, _ = stage_classes(stage)
+    overrides = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "resume"})
+    config = config_from_args(config_class, overrides, config_file=args.config)
+    summary = run_stage(stage, config, resume=args.resume)
+    print(
+        f"{stage}: done in {summary['seconds']:.1f} s, final loss {summary['final_loss']:.4f} -> {summary['output']}"
+    )
+    return 0

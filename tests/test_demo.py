@@ -1,0 +1,46 @@
+"""The embedded default end to end: ``coma demo --quick`` (what CI runs as its smoke test)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from coma.cli import main
+from coma.demo import ARMS, COLUMNS
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["table"]) == set(ARMS)
+    for arm in ARMS:
+        assert set(report["table"][arm]) == set(COLUMNS)
+        for column in COLUMNS:
+            value = report["table"][arm][column]["mean"]
+            assert math.isfinite(value) and 0.0 <= value <= 1.0
+    assert set(report["chance"]) == set(COLUMNS) and all(0 < v < 1 for v in report["chance"].values())
+    compute = report["per_seed"]["0"]["compute"]
+    assert compute["extra_steps"] > 0, "arm (c) must get stage 1's compute as extra matching steps"
+    assert compute["arm_tokens"]["match_only_compute"] > compute["arm_tokens"]["match_only"]
+    for arm in ARMS:
+        scores = json.loads((tmp_path / "seed0" / arm / "eval" / "scores.json").read_text())
+        assert len(scores["datasets"]) == 10
+    markdown = (tmp_path / "report.md").read_text()
+    assert "chance" in markdown and "(b) compression" in markdown
+    assert (tmp_path / "report.png").stat().st_size > 1000
+    assert "| arm |" in capsys.readouterr().out
+
+    # Stage 0 is cached: a second run reuses it instead of training again.
+    stage0_dirs = list((tmp_path / "cache").glob("stage0-*"))
+    assert len(stage0_dirs) == 1
+    stamp = (stage0_dirs[0] / "model.safetensors").stat().st_mtime_ns
+    from coma.demo import DemoConfig, quick_config, stage0
+
+    config = quick_config(DemoConfig(out=str(tmp_path), show_progress=False))
+    world = next(tmp_path.glob("world-*"))
+    base = next((tmp_path / "cache").glob("base-*"))
+    assert stage0(config, world, base, tmp_path, 0) == stage0_dirs[0]
+    assert (stage0_dirs[0] / "model.safetensors").stat().st_mtime_ns == stamp
