@@ -46,7 +46,7 @@ class DemoConfig:
     stage0_lr: float = 2e-3
     stage1_epochs: float = 2.0
     stage1_lr: float = 1e-3
-    stage2_steps: int = 100
+    stage2_steps: int = 80
     stage2_lr: float = 1e-3
     batch_size: int = 64
     temperature: float = 0.1

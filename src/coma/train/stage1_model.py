@@ -142,21 +142,31 @@ class Stage1Objective(nn.Module):
             dtype=dtype,
         )
 
-    def backbone_outputs(self, batch: dict[str, Any], **kwargs: Any) -> Any:
-        """Run the backbone on the batch under this objective's masks; ``kwargs`` go to its forward."""
+    @contextlib.contextmanager
+    def _masked(self, batch: dict[str, Any]) -> Iterator[tuple[Tensor, Tensor]]:
+        """Install this objective's masks; yields the model-level mask and the position ids."""
         masks = self.attention_masks(batch)
         position_ids = batch.get("position_ids")
         if position_ids is None:
             position_ids = self.adapter.position_ids(self.backbone, batch)
-        inputs = {key: batch[key] for key in _MODEL_INPUTS if batch.get(key) is not None}
         if isinstance(masks, list):
-            context = layer_masks(self.adapter.decoder_layers(self.backbone), masks)
-            model_mask = masks[0]
+            with layer_masks(self.adapter.decoder_layers(self.backbone), masks):
+                yield masks[0], position_ids
         else:
-            context, model_mask = contextlib.nullcontext(), masks
-        with context:
+            yield masks, position_ids
+
+    def backbone_outputs(self, batch: dict[str, Any], **kwargs: Any) -> Any:
+        """Run the backbone on the batch under this objective's masks; ``kwargs`` go to its forward."""
+        inputs = {key: batch[key] for key in _MODEL_INPUTS if batch.get(key) is not None}
+        with self._masked(batch) as (model_mask, position_ids):
             return self.backbone(
                 **inputs, attention_mask=model_mask, position_ids=position_ids, use_cache=False, **kwargs
+            )
+
+    def last_hidden_states(self, batch: dict[str, Any]) -> Tensor:
+        with self._masked(batch) as (model_mask, position_ids):
+            return self.adapter.hidden_states(
+                self.backbone, {**batch, "position_ids": position_ids}, model_mask
             )
 
     def forward(self, batch: dict[str, Any]) -> Stage1Output:
@@ -169,7 +179,10 @@ class Stage1Objective(nn.Module):
         supervised = targets.numel()
         if supervised == 0:
             return Stage1Output(self._zero_loss(), 0, total)
-        logits = self.backbone_outputs(batch, logits_to_keep=keep).logits
+        # The LM head runs only where the next token is supervised (a boolean logits_to_keep is not in every
+        # transformers 5.x release, so the head is applied here).
+        hidden = self.last_hidden_states(batch)[keep]
+        logits = self.backbone.get_output_embeddings()(hidden)
         loss = F.cross_entropy(logits.float(), targets, reduction="sum")
         if self.reduction == "mean":
             loss = loss / supervised
