@@ -62,7 +62,9 @@ def test_resume_after_a_kill_reproduces_the_losses(tiny_model_dir, world, tmp_pa
         with pytest.raises(KeyboardInterrupt):
             main(compress_args(tiny_model_dir, world, tmp_path / "cut"))
     assert main(compress_args(tiny_model_dir, world, tmp_path / "cut", "--resume")) == 0
-    np.testing.assert_allclose(read_losses(tmp_path / "cut"), read_losses(tmp_path / "full"), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        read_losses(tmp_path / "cut"), read_losses(tmp_path / "full"), rtol=0, atol=1e-6
+    )
 
 
 def test_merged_model_equals_the_adapter_model(tiny_model_dir, world, tmp_path):

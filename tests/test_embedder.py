@@ -58,7 +58,9 @@ def test_encode_invariant_to_batch_size_and_padding_side(embedders, image_files,
                                    atol=1e-5)  # fmt: skip
     embedder.padding_side = "left"
     try:
-        np.testing.assert_allclose(embedder.encode(inputs, batch_size=4, show_progress=False), reference, atol=1e-5)
+        np.testing.assert_allclose(
+            embedder.encode(inputs, batch_size=4, show_progress=False), reference, atol=1e-5
+        )
     finally:
         embedder.padding_side = "right"
 

@@ -70,15 +70,7 @@ class CompressTask:
     def __init__(self, config: CompressConfig, dist_info: DistInfo, with_data: bool = True) -> None:
         self.config = config
         self.dist_info = dist_info
-        self.embedder = load_trainable_embedder(
-            config.model,
-            config.train,
-            config.lora,
-            dist_info,
-            num_tokens=config.num_tokens,
-            min_pixels=config.min_pixels,
-            max_pixels=config.max_pixels,
-        )
+        self.embedder = load_trainable_embedder(config, dist_info)
         self.module: nn.Module = Stage1Objective(
             self.embedder.model.backbone,
             self.embedder.adapter,

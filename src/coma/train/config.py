@@ -16,7 +16,9 @@ class LoraSettings:
         default=False, metadata={"help": "train the whole language model instead of LoRA"}
     )
     # Only for turning a random model into a small VLM (the demo's stage 0); the paper keeps the ViT frozen.
-    train_vision: bool = field(default=False, metadata={"help": "with full_finetune, also train the vision tower"})
+    train_vision: bool = field(
+        default=False, metadata={"help": "with full_finetune, also train the vision tower"}
+    )
 
 
 @dataclass

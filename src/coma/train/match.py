@@ -58,16 +58,7 @@ class MatchTask:
 
     def __init__(self, config: MatchConfig, dist_info: DistInfo, with_data: bool = True) -> None:
         self.config = config
-        self.embedder = load_trainable_embedder(
-            config.model,
-            config.train,
-            config.lora,
-            dist_info,
-            num_tokens=config.num_tokens,
-            pooling=config.pooling,
-            min_pixels=config.min_pixels,
-            max_pixels=config.max_pixels,
-        )
+        self.embedder = load_trainable_embedder(config, dist_info, pooling=config.pooling)
         self.module: nn.Module = self.embedder.model
         self.total_steps = 0
         if not with_data:

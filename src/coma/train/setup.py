@@ -4,6 +4,7 @@ open the trainable parts, and write the merged result."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -13,24 +14,20 @@ from coma.train.loop import DistInfo, enable_activation_checkpointing, resolve_d
 from coma.train.trainable import make_trainable, merged_backbone
 
 
-def load_trainable_embedder(
-    model: str,
-    settings: TrainSettings,
-    lora: LoraSettings,
-    dist_info: DistInfo,
-    *,
-    num_tokens: int | None = None,
-    pooling: str | None = None,
-    min_pixels: int | None = None,
-    max_pixels: int | None = None,
-) -> Embedder:
-    """An Embedder whose backbone is wrapped for training (LoRA/DoRA + compression rows, or the full LM)."""
+def load_trainable_embedder(config: Any, dist_info: DistInfo, *, pooling: str | None = None) -> Embedder:
+    """An Embedder whose backbone is wrapped for training (LoRA/DoRA + compression rows, or the full LM).
+
+    ``config`` is a stage config: it names the model, the token count, the pixel bounds and its ``train`` and
+    ``lora`` sections.
+    """
+    settings: TrainSettings = config.train
+    lora: LoraSettings = config.lora
     embedder = Embedder.from_pretrained(
-        model,
-        num_tokens=num_tokens,
+        config.model,
+        num_tokens=config.num_tokens,
         pooling=pooling,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
+        min_pixels=config.min_pixels,
+        max_pixels=config.max_pixels,
         device=dist_info.device,
         dtype=resolve_dtype(settings.dtype, dist_info.device),
         attn_implementation=settings.attn_implementation,
