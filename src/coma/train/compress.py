@@ -9,7 +9,6 @@ import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,7 +18,7 @@ from coma.data.formats import Conversation, read_conversations
 from coma.data.sampling import BlockMixtureSampler
 from coma.train.config import LoraSettings, TrainSettings
 from coma.train.loop import DistInfo, StepResult
-from coma.train.setup import load_trainable_embedder, save_merged
+from coma.train.setup import StageTask, load_trainable_embedder
 from coma.train.stage1_data import Stage1Collator
 from coma.train.stage1_model import Stage1Objective
 
@@ -64,7 +63,7 @@ class CompressConfig:
             )
 
 
-class CompressTask:
+class CompressTask(StageTask):
     """Stage-1 training task for :func:`coma.train.loop.train`."""
 
     def __init__(self, config: CompressConfig, dist_info: DistInfo, with_data: bool = True) -> None:
@@ -142,12 +141,3 @@ class CompressTask:
             dist.all_reduce(reduced)
             loss, dropped = float(reduced[0]) / self.dist_info.world_size, int(reduced[1])
         return StepResult(loss=loss, samples=len(records), tokens=tokens, extra={"dropped": dropped})
-
-    def data_state(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_data_state(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
-
-    def finish(self, out_dir: Path) -> Path:
-        return save_merged(self.embedder, out_dir)

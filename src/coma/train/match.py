@@ -6,7 +6,6 @@ import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from torch import nn
 
@@ -14,7 +13,7 @@ from coma.data.sampling import BlockMixtureSampler
 from coma.losses import ContrastiveLoss
 from coma.train.config import LoraSettings, TrainSettings
 from coma.train.loop import DistInfo, StepResult
-from coma.train.setup import load_trainable_embedder, save_merged
+from coma.train.setup import StageTask, load_trainable_embedder
 from coma.train.stage2_data import PairCollator, PairDataset
 from coma.train.stage2_step import ContrastiveStep
 
@@ -53,7 +52,7 @@ class MatchConfig:
                 raise ValueError(f"coma match needs --{name}")
 
 
-class MatchTask:
+class MatchTask(StageTask):
     """Stage-2 training task for :func:`coma.train.loop.train`."""
 
     def __init__(self, config: MatchConfig, dist_info: DistInfo, with_data: bool = True) -> None:
@@ -102,12 +101,3 @@ class MatchTask:
             tokens=int(result.get("tokens", 0)),
             extra={"accuracy": float(result["accuracy"])},
         )
-
-    def data_state(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_data_state(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
-
-    def finish(self, out_dir: Path) -> Path:
-        return save_merged(self.embedder, out_dir)

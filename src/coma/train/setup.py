@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from coma.data.sampling import BlockMixtureSampler
 from coma.embedder import Embedder
 from coma.train.config import LoraSettings, TrainSettings
 from coma.train.loop import DistInfo, enable_activation_checkpointing, resolve_dtype
@@ -46,6 +47,22 @@ def save_merged(embedder: Embedder, out_dir: str | Path) -> Path:
     embedder.model.backbone = merged_backbone(embedder.model.backbone)
     embedder.model.backbone.requires_grad_(False)
     return embedder.save_pretrained(out_dir)
+
+
+class StageTask:
+    """What both stage tasks share: data position = the sampler's state; the result = the merged model."""
+
+    embedder: Embedder
+    sampler: BlockMixtureSampler
+
+    def data_state(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_data_state(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    def finish(self, out_dir: Path) -> Path:
+        return save_merged(self.embedder, out_dir)
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
