@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -66,8 +67,7 @@ class QwenVLAdapter(BackboneAdapter):
             "image_grid_thw": batch.get("image_grid_thw"),
             "attention_mask": batch["attention_mask"],
         }
-        # transformers 5.24 requires mm_token_type_ids; earlier 5.x releases do not take it.
-        if "mm_token_type_ids" in inspect.signature(inner.get_rope_index).parameters:
+        if _rope_takes_token_types(type(inner)):
             token_types = batch.get("mm_token_type_ids")
             if token_types is None:
                 token_types = torch.zeros_like(batch["input_ids"], dtype=torch.int)
@@ -100,6 +100,12 @@ class QwenVLAdapter(BackboneAdapter):
 
     def vision_tower(self, model: nn.Module) -> nn.Module:
         return _inner_model(model).visual
+
+
+@functools.cache
+def _rope_takes_token_types(model_class: type) -> bool:
+    """transformers 5.24 requires mm_token_type_ids in get_rope_index; earlier 5.x releases do not take it."""
+    return "mm_token_type_ids" in inspect.signature(model_class.get_rope_index).parameters
 
 
 def _inner_model(model: nn.Module) -> nn.Module:
