@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from helpers import random_image
 
-from coma.data.images import ImageLoadError, load_image, resolve_image_path
+from coma.data.images import DecodedImageCache, ImageLoadError, load_image, resolve_image_path
 
 
 def test_corrupt_image_names_the_file(tmp_path):
@@ -57,3 +59,26 @@ def test_encode_reports_the_bad_image(tiny_model_dir, tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(ImageLoadError, match="corrupt.jpg"):
         Embedder.from_pretrained(tiny_model_dir).encode([{"text": "x", "image": bad}], show_progress=False)
+
+
+def test_decoded_image_cache_reuses_evicts_by_bytes_and_sees_rewrites(tmp_path):
+    paths = []
+    for seed in range(3):
+        path = tmp_path / f"{seed}.png"
+        random_image(seed, (8, 8)).save(path)
+        paths.append(path)
+    cache = DecodedImageCache(max_bytes=2 * 8 * 8 * 3)  # room for two 8 x 8 RGB images
+    first = cache.get(paths[0])
+    assert cache.get(paths[0]) is first and list(first.getdata()) == list(load_image(paths[0]).getdata())
+    cache.get(paths[1])
+    cache.get(paths[0])  # 0 is now the most recent, so 1 is evicted next
+    cache.get(paths[2])
+    assert len(cache) == 2 and cache.bytes == 2 * 8 * 8 * 3
+    assert cache.get(paths[0]) is first
+    random_image(7, (8, 8)).save(paths[0])
+    os.utime(paths[0], ns=(1, 1))  # a rewrite with another mtime is decoded again
+    assert list(cache.get(paths[0]).getdata()) == list(random_image(7, (8, 8)).getdata())
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not a png")
+    with pytest.raises(ImageLoadError, match="corrupt.png"):
+        cache.get(corrupt)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from coma import Embedder
@@ -255,3 +256,18 @@ def test_collator_refuses_paths_outside_the_image_root(image_root: Path, embedde
     with pytest.raises(DataFormatError, match="outside the image root") as info:
         PairCollator(embedder, image_root).inputs([pair])
     assert (info.value.row, info.value.field) == (2, "qry_image_path")
+
+
+def test_collator_image_cache_gives_the_same_batch(
+    train_root: Path, image_root: Path, embedder: Embedder
+) -> None:
+    pairs = PairDataset.from_config(train_root, split="original").pairs["WithNegs"]
+    cached, uncached = (
+        PairCollator(embedder, image_root),
+        PairCollator(embedder, image_root, image_cache_bytes=0),
+    )
+    first, plain = cached(pairs), uncached(pairs)
+    assert len(cached.images) > 0 and uncached.images is None
+    for name in ("query", "target", "negative"):
+        for key, value in getattr(plain, name).items():
+            assert torch.equal(getattr(first, name)[key], value), (name, key)

@@ -21,7 +21,7 @@ from coma.cli import main as cli_main
 from coma.data.formats import read_conversations, read_mmeb_eval_dataset, read_mmeb_train_subset
 from coma.data.images import resolve_image_path
 from coma.data.synth import generate_world
-from coma.data.synth.render import cell_box, crop_cell, render_scene
+from coma.data.synth.render import DEFAULT_IMAGE_SIZE, cell_box, crop_cell, render_scene
 from coma.data.synth.scenes import (
     ALL_PAIRS,
     BACKGROUNDS,
@@ -142,7 +142,7 @@ def test_manifest_matches_files(world):
         assert len(_jsonl(out / name)) == count, name
     assert manifest["images"]["total"] == sum(1 for _ in (out / "images").rglob("*.png"))
     assert len(manifest["held_out_pairs"]) == 6
-    assert manifest["image_size"] == 112 and manifest["image_root"] == "images"
+    assert manifest["image_size"] == DEFAULT_IMAGE_SIZE and manifest["image_root"] == "images"
     benchmark = (out / "eval" / "benchmark.yaml").read_text().splitlines()
     assert benchmark[:3] == ["name: coma-synth", "format_rule: mmeb-v1", "datasets:"]
     entries = [
@@ -227,7 +227,7 @@ def test_every_image_resolves_inside_the_root_and_has_the_configured_size(world)
     for path in sorted(referenced):
         resolved = resolve_image_path(path, root)
         with Image.open(resolved) as image:
-            assert image.size == (112, 112) and image.mode == "RGB", path
+            assert image.size == (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE) and image.mode == "RGB", path
 
 
 # ---------------------------------------------------------------- held-out combinations and OOD

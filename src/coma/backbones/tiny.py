@@ -66,11 +66,14 @@ class TinySpec:
     vision_depth: int
     vision_width: int
     vision_heads: int
+    # About 1 / sqrt(hidden): Qwen's 0.02 suits widths in the thousands; at width 64 it leaves every sub-layer
+    # nearly silent, and a random tiny model then needs far more steps before the image reaches the answer.
+    init_std: float
 
 
 SIZES = {
-    "tiny": TinySpec(64, 128, 2, 2, 1, 2, 32, 2),
-    "small": TinySpec(256, 512, 4, 4, 2, 4, 128, 4),
+    "tiny": TinySpec(64, 128, 2, 2, 1, 2, 32, 2, init_std=0.1),
+    "small": TinySpec(256, 512, 4, 4, 2, 4, 128, 4, init_std=0.05),
 }
 TOKENIZERS = ("bpe", "qwen")
 # 28-px cells: 56 px -> 4 visual tokens, 112 px -> 16.
@@ -165,11 +168,12 @@ def build_tiny_model(family: str, size: str, tokenizer: Qwen2Tokenizer, seed: in
             "mrope_section": _mrope_section(spec.hidden // spec.heads),
         },
         "tie_word_embeddings": True,
+        "initializer_range": spec.init_std,
         "bos_token_id": None,
         "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
         "pad_token_id": tokenizer.pad_token_id,
     }
-    common_vision = {"depth": spec.vision_depth, "num_heads": spec.vision_heads, "patch_size": 14,
+    common_vision = {"initializer_range": spec.init_std, "depth": spec.vision_depth, "num_heads": spec.vision_heads, "patch_size": 14,
                      "spatial_merge_size": 2, "temporal_patch_size": 2}  # fmt: skip
     torch.manual_seed(seed)
     if family == "qwen2_vl":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from coma.data.synth.render import DEFAULT_IMAGE_SIZE
 from coma.data.synth.tasks import PRESETS
 
 
@@ -16,7 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--size", choices=sorted(PRESETS), default="default", help="size preset (default: default)"
     )
-    parser.add_argument("--image-size", type=int, default=112, help="image side in pixels (default 112)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=DEFAULT_IMAGE_SIZE,
+        help=f"image side in pixels (default {DEFAULT_IMAGE_SIZE})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from coma.config import ComaConfig
 from coma.data.formats import DataFormatError, TrainPair, list_data_subsets, read_mmeb_train_subset
-from coma.data.images import ImageLoadError, resolve_image_path
+from coma.data.images import DecodedImageCache, ImageLoadError, resolve_image_path
 from coma.embedder import EncodeInput
 
 __all__ = [
@@ -225,15 +225,24 @@ class PairBatch:
 
 
 class PairCollator:
-    """Pairs -> query / target / hard-negative inputs -> processor batches (through ``embedder.collate``)."""
+    """Pairs -> query / target / hard-negative inputs -> processor batches (through ``embedder.collate``).
 
-    def __init__(self, embedder: EmbedderLike, image_root: str | os.PathLike | None) -> None:
+    Image files are decoded once and kept in a byte-bounded cache (``image_cache_bytes``, 0 turns it off).
+    """
+
+    def __init__(
+        self,
+        embedder: EmbedderLike,
+        image_root: str | os.PathLike | None,
+        image_cache_bytes: int = 512 * 2**20,
+    ) -> None:
         self.embedder = embedder
         self.image_root = image_root
         self.placeholder = embedder.config.image_placeholder
+        self.images = DecodedImageCache(image_cache_bytes) if image_cache_bytes > 0 else None
 
     def inputs(self, pairs: Sequence[TrainPair]) -> PairInputs:
-        """Split rows into the three groups; image files are checked here so errors name the data row."""
+        """Split rows into the three groups; image files are checked (and decoded) here, so errors name the row."""
         queries, targets, negatives = [], [], []
         for pair in pairs:
             query, target, negative = pair_inputs(pair, self.placeholder)
@@ -245,7 +254,14 @@ class PairCollator:
 
     def collate(self, items: Sequence[EncodeInput]) -> dict:
         """Processor batch of some inputs: the ``collate`` that ``ContrastiveStep`` calls per chunk."""
+        if self.images is not None:
+            items = [self._decoded(item) for item in items]
         return self.embedder.collate(items, self.image_root)
+
+    def _decoded(self, item: EncodeInput) -> EncodeInput:
+        if item.image is None or not isinstance(item.image, (str, os.PathLike)):
+            return item
+        return EncodeInput(item.text, self.images.get(resolve_image_path(item.image, self.image_root)))
 
     def __call__(self, pairs: Sequence[TrainPair]) -> PairBatch:
         groups = self.inputs(pairs)
@@ -264,4 +280,9 @@ class PairCollator:
             raise DataFormatError(pair.source, pair.row, image_field, str(error)) from None
         if not path.is_file():
             raise DataFormatError(pair.source, pair.row, image_field, f"image not found: {path}")
+        if self.images is not None:
+            try:
+                self.images.get(path)
+            except ImageLoadError as error:
+                raise DataFormatError(pair.source, pair.row, image_field, str(error)) from None
         return item

@@ -1,6 +1,6 @@
 """A deterministic synthetic multimodal world in the exact on-disk formats of the real data (DESIGN §2.5).
 
-``generate_world(out_dir, seed=0, size="default", image_size=112)`` writes stage-0 and stage-1 conversations,
+``generate_world(out_dir, seed=0, size="default", image_size=84)`` writes stage-0 and stage-1 conversations,
 MMEB-train subsets, an MMEB-eval benchmark with IND and OOD datasets, and ``world.json``.
 """
 

@@ -45,6 +45,8 @@ MAX_SCALE_JITTER = 0.06
 MAX_ROTATION_DEG = 10.0  # small, so a square never turns into a diamond
 COLOUR_JITTER = 14
 MIN_IMAGE_SIZE = 48
+# Qwen-VL merges 28 x 28 px into one visual token: at 84 px each cell of the 3 x 3 grid is exactly one token.
+DEFAULT_IMAGE_SIZE = 84
 PNG_COMPRESS_LEVEL = 1  # noisy textures compress poorly; level 1 is ~3x faster than the default at ~same size
 WORD_SLOT = 100  # style slot of the word, distinct from the cell slots 0..8
 BACKGROUND_SLOT = 101
@@ -187,7 +189,7 @@ def _draw_word(
     )
 
 
-def render_scene(scene: Scene, image_size: int = 112, variant: int = 0) -> Image.Image:
+def render_scene(scene: Scene, image_size: int = DEFAULT_IMAGE_SIZE, variant: int = 0) -> Image.Image:
     """Draw ``scene`` as an ``image_size`` x ``image_size`` RGB image; ``variant`` re-draws it with new jitter."""
     check_image_size(image_size)
     image = Image.fromarray(_background(scene, variant, image_size))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from coma.data.synth.render import check_image_size, crop_cell, png_bytes, render_scene
+from coma.data.synth.render import DEFAULT_IMAGE_SIZE, check_image_size, crop_cell, png_bytes, render_scene
 from coma.data.synth.scenes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, TEXTURES, WORDS, Scene
 from coma.data.synth.tasks import (
     PRESETS,
@@ -161,7 +161,7 @@ def world_manifest(plan: WorldPlan, image_size: int, files: dict[str, int]) -> d
 
 
 def generate_world(
-    out_dir: str | os.PathLike, *, seed: int = 0, size: str = "default", image_size: int = 112
+    out_dir: str | os.PathLike, *, seed: int = 0, size: str = "default", image_size: int = DEFAULT_IMAGE_SIZE
 ) -> dict:
     """Write the synthetic world for ``seed`` to ``out_dir`` and return the content of its ``world.json``."""
     check_image_size(image_size)
