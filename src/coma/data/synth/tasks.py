@@ -80,7 +80,7 @@ MAX_RETRIES = 50
 
 @dataclass(frozen=True)
 class SizePreset:
-    stage0_scenes: int  # each gives a caption record and a QA record
+    stage0_scenes: int  # one multi-turn record each (a caption or object list, then simple questions)
     train_scenes: int  # multi-object scenes behind VQA / retrieval / grounding rows and stage-1 records
     cls_scenes: int  # one large subject + small distractors, behind the classification rows
     eval_queries: int  # per eval dataset
@@ -88,8 +88,8 @@ class SizePreset:
 
 PRESETS: dict[str, SizePreset] = {
     "tiny": SizePreset(stage0_scenes=12, train_scenes=16, cls_scenes=8, eval_queries=6),
-    "small": SizePreset(stage0_scenes=200, train_scenes=300, cls_scenes=100, eval_queries=50),
-    "default": SizePreset(stage0_scenes=1000, train_scenes=1000, cls_scenes=400, eval_queries=200),
+    "small": SizePreset(stage0_scenes=400, train_scenes=300, cls_scenes=100, eval_queries=50),
+    "default": SizePreset(stage0_scenes=2000, train_scenes=1000, cls_scenes=400, eval_queries=100),
 }
 
 
@@ -350,33 +350,48 @@ def conversation(record_id: str, image: str, turns: Sequence[tuple[str, str]]) -
 def build_stage0(
     rng: np.random.Generator, n_scenes: int, pairs: Sequence[Pair], bank: ImageBank
 ) -> list[dict]:
+    """One multi-turn record per scene: a caption or the object list, then 2-3 simple questions.
+
+    Several supervised answers per image make the answers depend on the image much sooner than one turn does:
+    a random model first learns the text prior, and only many image-dependent tokens pull it off that prior.
+    """
     allowed = frozenset(pairs)
     records = []
     for i in range(n_scenes):
         scene = sample_scene(rng, pairs, n_objects=(1, 4))
         image = bank.path("stage0", ImageSpec(scene))
-        records.append(
-            conversation(f"stage0-{i:06d}-caption", image, [(_pick(rng, CAPTION_PROMPTS), caption(scene))])
-        )
-        qa = ask_any(SEEN_QUESTION_KINDS, scene, rng, allowed)
-        assert qa is not None  # colour/shape/size/position/count always apply
-        records.append(conversation(f"stage0-{i:06d}-qa", image, [(qa.question, qa.answer)]))
+        if rng.random() < 0.5:
+            opener = (_pick(rng, CAPTION_PROMPTS), caption(scene))
+        else:
+            opener = (_pick(rng, LIST_PROMPTS), object_list(scene))
+        turns = question_turns(scene, rng, allowed, [opener], int(rng.integers(3, 5)))
+        records.append(conversation(f"stage0-{i:06d}", image, turns))
     return records
 
 
-def stage1_turns(scene: Scene, rng: np.random.Generator, allowed: frozenset[Pair]) -> list[tuple[str, str]]:
-    """3-5 distinct retrieval-oriented questions with answers; often opens with the object list."""
-    n_turns = int(rng.integers(3, 6))
-    turns: list[tuple[str, str]] = []
-    if rng.random() < 0.5:
-        turns.append((_pick(rng, LIST_PROMPTS), object_list(scene)))
+def question_turns(
+    scene: Scene,
+    rng: np.random.Generator,
+    allowed: frozenset[Pair],
+    turns: list[tuple[str, str]],
+    n_turns: int,
+) -> list[tuple[str, str]]:
+    """``turns`` extended with distinct seen-kind questions about ``scene`` up to ``n_turns`` in all."""
+    turns = list(turns)
     for _ in range(MAX_RETRIES):
-        if len(turns) == n_turns:
+        if len(turns) >= n_turns:
             break
         qa = ask(_pick(rng, SEEN_QUESTION_KINDS), scene, rng, allowed)
         if qa is not None and all(qa.question != q for q, _ in turns):
             turns.append((qa.question, qa.answer))
     return turns
+
+
+def stage1_turns(scene: Scene, rng: np.random.Generator, allowed: frozenset[Pair]) -> list[tuple[str, str]]:
+    """3-5 distinct retrieval-oriented questions with answers; often opens with the object list."""
+    n_turns = int(rng.integers(3, 6))
+    opener = [(_pick(rng, LIST_PROMPTS), object_list(scene))] if rng.random() < 0.5 else []
+    return question_turns(scene, rng, allowed, opener, n_turns)
 
 
 def build_stage1(
