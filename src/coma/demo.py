@@ -69,7 +69,7 @@ class DemoConfig:
 
 def quick_config(config: DemoConfig) -> DemoConfig:
     """The CI smoke-test setting: a small world and a few steps of everything."""
-    return replace(config, world_size="small", stage1_epochs=1.0, stage2_steps=60)
+    return replace(config, world_size="small", stage1_epochs=1.0, stage2_steps=30)
 
 
 class Phases:
@@ -119,6 +119,9 @@ def _single_thread_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
+    # Import the heavy modules now: workers start with the pool, while this process builds the world and stage 0.
+    import coma.eval.runner  # noqa: F401
+    import coma.train.run  # noqa: F401
 
 
 @contextlib.contextmanager
@@ -129,6 +132,7 @@ def worker_pool(workers: int) -> Iterator[Executor | None]:
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_single_thread_worker) as pool:
+        pool.submit(time.sleep, 0)  # starts the workers (they spawn on the first task)
         yield pool
 
 

@@ -88,7 +88,7 @@ class SizePreset:
 
 PRESETS: dict[str, SizePreset] = {
     "tiny": SizePreset(stage0_scenes=12, train_scenes=16, cls_scenes=8, eval_queries=6),
-    "small": SizePreset(stage0_scenes=400, train_scenes=300, cls_scenes=100, eval_queries=50),
+    "small": SizePreset(stage0_scenes=400, train_scenes=300, cls_scenes=100, eval_queries=30),
     "default": SizePreset(stage0_scenes=2000, train_scenes=1000, cls_scenes=400, eval_queries=100),
 }
 
