@@ -44,3 +44,32 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
     base = next((tmp_path / "cache").glob("base-*"))
     assert stage0(config, world, base, tmp_path, 0) == stage0_dirs[0]
     assert (stage0_dirs[0] / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_demo_refuses_zero_workers(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--workers", "0"]) == 1
+    assert "--workers must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "report.json").exists()
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_phases_log_results_times_and_errors(parallel, capsys):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from coma.demo import Phases
+
+    pool = ThreadPoolExecutor(2) if parallel else None
+    phases = Phases(pool)
+    assert phases.run("square", pow, 3, 2) == 9
+    assert phases.submit("cube", pow, 2, 3).result() == 8
+    failing = phases.submit("broken", _fail, "bad row 7")
+    with pytest.raises(ValueError, match="bad row 7"):
+        failing.result()
+    if pool is not None:
+        pool.shutdown()
+    assert set(phases.seconds) == {"square", "cube"} and all(s >= 0 for s in phases.seconds.values())
+    assert "cube:" in capsys.readouterr().out

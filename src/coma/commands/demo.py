@@ -10,7 +10,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a ~1-minute smoke run (small world, few steps)")
     parser.add_argument("--seeds", type=int, default=1, help="repeat with N seeds and report mean ± std")
     parser.add_argument("--num-tokens", type=int, default=None, help="compression tokens T")
-    parser.add_argument("--stage2-steps", type=int, default=None)
+    parser.add_argument("--stage2-steps", type=int, default=None, help="matching steps of arms (a) and (b)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes running the arms side by side (default 2; 1 = in-process)",
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -26,5 +32,9 @@ def run(args: argparse.Namespace) -> int:
         config = replace(config, num_tokens=args.num_tokens)
     if args.stage2_steps is not None:
         config = replace(config, stage2_steps=args.stage2_steps)
+    if args.workers is not None:
+        if args.workers < 1:
+            raise ValueError("--workers must be at least 1")
+        config = replace(config, workers=args.workers)
     run_demo(config)
     return 0
