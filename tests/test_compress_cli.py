@@ -105,3 +105,15 @@ def test_two_process_torchrun_matches_one_process(tiny_model_dir, world, tmp_pat
     two = load_file(str(tmp_path / "two" / "checkpoints" / "step-0000003" / "trainable.safetensors"))
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0)
+
+
+def test_training_order_does_not_depend_on_the_data_folder(tiny_model_dir, world, tmp_path):
+    moved = tmp_path / "elsewhere" / "stage1"
+    moved.mkdir(parents=True)
+    shutil.copy(world / "stage1" / "conversations.jsonl", moved / "conversations.jsonl")
+    args = compress_args(tiny_model_dir, world, tmp_path / "here", steps=3)
+    assert main(args) == 0
+    args[args.index("--data") + 1] = str(moved / "conversations.jsonl")
+    args[args.index("--out") + 1] = str(tmp_path / "there")
+    assert main(args) == 0
+    assert read_losses(tmp_path / "here") == read_losses(tmp_path / "there")

@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -63,6 +64,13 @@ class CompressConfig:
             )
 
 
+def source_name(index: int, path: str) -> str:
+    """The sampler's name for a data file. The sampler seeds its permutations by name, so the name leaves out the
+    folder: the same files give the same training order wherever they are stored (and a run resumes after a move).
+    """
+    return f"{index}:{Path(path).name}"
+
+
 class CompressTask(StageTask):
     """Stage-1 training task for :func:`coma.train.loop.train`."""
 
@@ -86,7 +94,7 @@ class CompressTask(StageTask):
             records, bad = read_conversations(path, skip_bad=config.skip_bad)
             if not records:
                 raise ValueError(f"{path}: no usable conversation records")
-            self.sources[f"{index}:{path}"] = records
+            self.sources[source_name(index, path)] = records
             skipped += bad
         if skipped and dist_info.is_main:
             print(f"compress: skipped {skipped} malformed record(s) (--skip-bad)")
