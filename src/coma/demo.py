@@ -67,6 +67,11 @@ class DemoConfig:
     show_progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def worker_progress(self) -> bool:
+        """Progress bars for phases that may run in the workers: off with several, whose bars would interleave."""
+        return self.show_progress and self.workers == 1
+
 
 def quick_config(config: DemoConfig) -> DemoConfig:
     """The CI smoke-test setting: a small world and a few steps of everything."""
@@ -167,7 +172,7 @@ def _train_settings(config: DemoConfig, seed: int, lr: float, batch_size: int, *
 
     settings = {"learning_rate": lr, "global_batch_size": batch_size, "micro_batch_size": batch_size,
                 "warmup_ratio": 0.05, "seed": seed, "save_every": 10**9, "keep_checkpoints": 1,
-                "dtype": "float32", "show_progress": config.show_progress and config.workers == 1,
+                "dtype": "float32", "show_progress": config.worker_progress,
                 **overrides}  # fmt: skip
     return TrainSettings(**settings)
 
@@ -177,13 +182,9 @@ def stage0(config: DemoConfig, world: Path, base: Path, out: Path, seed: int) ->
     from coma.train.compress import CompressConfig
     from coma.train.run import run_stage
 
-    settings = _train_settings(
-        replace(config, workers=1),
-        seed,
-        config.stage0_lr,
-        config.stage0_batch_size,
-        num_epochs=config.stage0_epochs,
-    )
+    # Stage 0 always runs in this process, so it keeps its progress bar.
+    settings = _train_settings(config, seed, config.stage0_lr, config.stage0_batch_size,
+                               num_epochs=config.stage0_epochs, show_progress=config.show_progress)  # fmt: skip
     stage_config = CompressConfig(
         model=str(base), data=[str(world / "stage0" / "conversations.jsonl")], image_root=str(world / "images"),
         num_tokens=config.num_tokens, layout="chat", max_length=512, train=settings,
@@ -232,7 +233,7 @@ def evaluate_arm(config: DemoConfig, world: Path, model: Path) -> dict[str, Any]
 
     embedder = Embedder.from_pretrained(model, device="cpu")
     return evaluate(embedder, world / "eval", world / "images", model / "eval", batch_size=config.eval_batch_size,
-                    show_progress=config.show_progress and config.workers == 1,
+                    show_progress=config.worker_progress,
                     limit=config.eval_queries)  # fmt: skip
 
 

@@ -74,32 +74,30 @@ def looks_like_image_path(text: str) -> bool:
 class DecodedImageCache:
     """Decoded RGB images by path, least recently used first out, bounded by their pixel bytes.
 
-    Training draws the same files again and again (a few thousand images over many steps); decoding them once
-    saves a large share of a small model's step time. Entries are keyed by path, size and mtime, so a file
-    rewritten on disk is decoded again.
+    Multi-epoch training (and GradCache's second collation) draws the same files again and again; each is decoded
+    once. Entries are keyed by path, size and mtime, so a file rewritten on disk is decoded again.
     """
 
     def __init__(self, max_bytes: int = 512 * 2**20) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._images: OrderedDict[tuple[Path, int, int], Image.Image] = OrderedDict()
+        self._images: OrderedDict[tuple[Path, int, int], tuple[Image.Image, int]] = OrderedDict()
 
     def get(self, path: Path) -> Image.Image:
         """The decoded image at ``path`` (an already-resolved path), from the cache when it is there."""
         stat = path.stat()
         key = (path, stat.st_size, stat.st_mtime_ns)
-        image = self._images.get(key)
-        if image is not None:
+        if key in self._images:
             self._images.move_to_end(key)
-            return image
+            return self._images[key][0]
         image = load_image(path)
         size = image.width * image.height * len(image.getbands())
         if size <= self.max_bytes:
-            self._images[key] = image
+            self._images[key] = (image, size)
             self.bytes += size
             while self.bytes > self.max_bytes:
-                _, old = self._images.popitem(last=False)
-                self.bytes -= old.width * old.height * len(old.getbands())
+                _, (_, evicted) = self._images.popitem(last=False)
+                self.bytes -= evicted
         return image
 
     def __len__(self) -> int:
