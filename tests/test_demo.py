@@ -46,6 +46,16 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
     assert (stage0_dirs[0] / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
+def test_full_demo_arms_learn(tmp_path):
+    """The default demo (one seed): every arm beats chance overall. ``--quick`` is too short for that, and the
+    per-meta-task margins of the full run are within seed-to-seed noise (see the README), so this is the check."""
+    assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    for arm in ARMS:
+        assert report["table"][arm]["overall"]["mean"] > report["chance"]["overall"], arm
+
+
 def test_demo_refuses_zero_workers(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--workers", "0"]) == 1
     assert "--workers must be at least 1" in capsys.readouterr().err
@@ -73,3 +83,16 @@ def test_phases_log_results_times_and_errors(parallel, capsys):
         pool.shutdown()
     assert set(phases.seconds) == {"square", "cube"} and all(s >= 0 for s in phases.seconds.values())
     assert "cube:" in capsys.readouterr().out
+
+
+def test_pool_phases_run_on_the_torch_threads_they_ask_for():
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from coma.demo import Phases
+
+    before = torch.get_num_threads()
+    with ThreadPoolExecutor(1) as pool:
+        assert Phases(pool).submit("threads", torch.get_num_threads, threads=3).result() == 3
+    assert torch.get_num_threads() == before

@@ -90,8 +90,12 @@ class Phases:
         result, seconds = _timed(function, *args, **kwargs)
         return self._done(name, result, seconds)
 
-    def submit(self, name: str, function, *args) -> Future:
-        """Start a phase; its Future gives the phase's result once it has finished and been logged."""
+    def submit(self, name: str, function, *args, threads: int = 1) -> Future:
+        """Start a phase; its Future gives the phase's result once it has finished and been logged.
+
+        In the pool the phase runs on ``threads`` torch threads (the workers' default is one): a phase that runs
+        alone can use every core.
+        """
         if self.pool is None:
             done: Future = Future()
             try:
@@ -101,7 +105,7 @@ class Phases:
             return done
         print(f"== {name} (started)", flush=True)
         logged: Future = Future()
-        inner = self.pool.submit(_timed, function, *args)
+        inner = self.pool.submit(_timed, _on_torch_threads, threads, function, *args)
         inner.add_done_callback(lambda f: _relay(f, logged, lambda r: self._done(name, *r)))
         return logged
 
@@ -116,6 +120,17 @@ def _timed(function, *args, **kwargs) -> tuple[Any, float]:
     return function(*args, **kwargs), time.perf_counter() - start
 
 
+def _on_torch_threads(threads: int, function, *args) -> Any:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return function(*args)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _relay(source: Future, target: Future, on_result) -> None:
     error = source.exception()
     if error is not None:
@@ -128,7 +143,7 @@ def _single_thread_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
-    # Import the heavy modules now: workers start with the pool, while this process builds the world and stage 0.
+    # Import the heavy modules now: workers start with the pool, while this process draws the world.
     import coma.eval.runner  # noqa: F401
     import coma.train.run  # noqa: F401
 
@@ -182,7 +197,7 @@ def stage0(config: DemoConfig, world: Path, base: Path, out: Path, seed: int) ->
     from coma.train.compress import CompressConfig
     from coma.train.run import run_stage
 
-    # Stage 0 always runs in this process, so it keeps its progress bar.
+    # Stage 0 runs alone, so its progress bar stays readable even in a worker.
     settings = _train_settings(config, seed, config.stage0_lr, config.stage0_batch_size,
                                num_epochs=config.stage0_epochs, show_progress=config.show_progress)  # fmt: skip
     stage_config = CompressConfig(
@@ -261,11 +276,12 @@ def summary_row(scores: dict[str, Any]) -> dict[str, float]:
     return row
 
 
-def run_seed(config: DemoConfig, world: Path, out: Path, seed: int, phases: Phases) -> dict[str, Any]:
-    base = phases.run(f"seed {seed}: random tiny model", ensure_base_model, config, out, seed)
-    warm = phases.run(
-        f"seed {seed}: stage 0 (instruction tuning, cached)", stage0, config, world, base, out, seed
-    )
+def run_seed(
+    config: DemoConfig, world: Path, out: Path, seed: int, base: Path, phases: Phases
+) -> dict[str, Any]:
+    # Nothing else runs during stage 0, so it gets every worker's core.
+    warm = phases.submit(f"seed {seed}: stage 0 (instruction tuning, cached)", stage0, config, world, base, out,
+                         seed, threads=config.workers).result()  # fmt: skip
     run_dir = out / f"seed{seed}"
     steps = config.stage2_steps
     results: dict[str, Any] = {"stage0": str(warm)}
@@ -277,29 +293,23 @@ def run_seed(config: DemoConfig, world: Path, out: Path, seed: int, phases: Phas
     compressed = future_stage1.result()
     future_b = phases.submit(f"seed {seed}: (b) CoMa matching", stage2, config, world, run_dir / "coma_stage1",
                              run_dir / "coma", seed, steps)  # fmt: skip
-    arm_a = future_a.result()
+    arms = {"match_only": future_a.result()}
+    evaluations = {"match_only": phases.submit(f"seed {seed}: evaluate match_only", evaluate_arm, config, world,
+                                               run_dir / "match_only")}  # fmt: skip
     # Compute is counted in tokens through forward + backward; stage 1's tokens buy arm (c) extra matching steps.
-    tokens_per_step = arm_a["tokens"] / max(arm_a["steps"], 1)
+    tokens_per_step = arms["match_only"]["tokens"] / max(arms["match_only"]["steps"], 1)
     extra_steps = math.ceil(compressed["tokens"] / max(tokens_per_step, 1))
     future_c = phases.submit(f"seed {seed}: (c) matching only + {extra_steps} steps", stage2, config, world,
                              warm, run_dir / "match_only_compute", seed, steps + extra_steps)  # fmt: skip
-    evaluations = {"match_only": phases.submit(f"seed {seed}: evaluate match_only", evaluate_arm, config, world,
-                                               run_dir / "match_only")}  # fmt: skip
-    arm_b = future_b.result()
-    evaluations["coma"] = phases.submit(
-        f"seed {seed}: evaluate coma", evaluate_arm, config, world, run_dir / "coma"
-    )
-    arm_c = future_c.result()
-    evaluations["match_only_compute"] = phases.submit(
-        f"seed {seed}: evaluate match_only_compute",
-        evaluate_arm,
-        config,
-        world,
-        run_dir / "match_only_compute",
-    )
+    for arm, future in (("coma", future_b), ("match_only_compute", future_c)):
+        arms[arm] = future.result()
+        evaluations[arm] = phases.submit(f"seed {seed}: evaluate {arm}", evaluate_arm, config, world,
+                                         run_dir / arm)  # fmt: skip
     results["compute"] = {"stage1_tokens": compressed["tokens"], "stage2_tokens_per_step": tokens_per_step,
-                          "extra_steps": extra_steps, "arm_tokens": {"match_only": arm_a["tokens"],
-                          "coma": compressed["tokens"] + arm_b["tokens"], "match_only_compute": arm_c["tokens"]}}  # fmt: skip
+                          "extra_steps": extra_steps,
+                          "arm_tokens": {"match_only": arms["match_only"]["tokens"],
+                                         "coma": compressed["tokens"] + arms["coma"]["tokens"],
+                                         "match_only_compute": arms["match_only_compute"]["tokens"]}}  # fmt: skip
     results["scores"] = {}
     for arm in ARMS:
         scores = evaluations[arm].result()
@@ -313,9 +323,13 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     started = time.perf_counter()
     with worker_pool(config.workers) as pool:
         phases = Phases(pool)
+        # The random models need no world: with workers they are built while this process draws it.
+        bases = {seed: phases.submit(f"seed {seed}: random tiny model", ensure_base_model, config, out, seed)
+                 for seed in range(config.seeds)}  # fmt: skip
         world = phases.run("synthetic world", ensure_world, config, out)
         chance = chance_scores(world, config.eval_queries)
-        per_seed = {seed: run_seed(config, world, out, seed, phases) for seed in range(config.seeds)}
+        per_seed = {seed: run_seed(config, world, out, seed, bases[seed].result(), phases)
+                    for seed in range(config.seeds)}  # fmt: skip
     table = {arm: _mean_std([per_seed[s]["scores"][arm]["summary"] for s in per_seed]) for arm in ARMS}
     report = {"config": asdict(config), "world": world.name, "chance": chance, "table": table,
               "per_seed": per_seed, "phase_seconds": phases.seconds,
@@ -367,7 +381,9 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Stage 1 processed {compute['stage1_tokens']:,} tokens; arm (c) got {compute['extra_steps']} extra matching "
-        f"steps ({compute['stage2_tokens_per_step']:,.0f} tokens each) to match it.",
+        f"steps ({compute['stage2_tokens_per_step']:,.0f} tokens each) to match it. Tokens in all: "
+        + ", ".join(f"{ARM_LABELS[arm][:3]} {compute['arm_tokens'][arm]:,}" for arm in ARMS)
+        + ".",
         "",
         "Phase wall times (s): "
         + ", ".join(f"{name} {secs:.1f}" for name, secs in report["phase_seconds"].items()),
