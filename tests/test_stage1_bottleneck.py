@@ -310,3 +310,17 @@ def test_empty_batch_and_bad_arguments(loaded):
         Stage1Objective(model, adapter, split_layer=1)
     with pytest.raises(ValueError, match="bidirectional_c"):
         Stage1Objective(model, adapter, mask_mode="split_layer", split_layer=1, bidirectional_c=True)
+
+
+def test_split_layer_masks_stay_with_their_own_forward(loaded):
+    """The split-layer hooks outlive the forward (for backward's recompute) but must not touch any other call."""
+    model, processor, adapter = loaded
+    batch = make_batch(processor, [random_image(9), random_image(10)], text_only=True)
+    bottleneck = Stage1Objective(model, adapter, mask_mode="bottleneck")
+    split = Stage1Objective(model, adapter, mask_mode="split_layer", split_layer=1)
+    with torch.no_grad():
+        before = bottleneck(batch).loss.item()
+        split_loss = split(batch).loss.item()
+        assert abs(split_loss - before) > 1e-4
+        assert bottleneck(batch).loss.item() == before
+        assert split(batch).loss.item() == split_loss

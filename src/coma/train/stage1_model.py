@@ -7,8 +7,9 @@ tokens. Logits are computed (and upcast to fp32) only at positions whose next to
 
 ``mask_mode="split_layer"`` reproduces the released code's layer-split variant: decoder layers below
 ``split_layer`` get the lower mask, the others the upper one. The swap is done by forward pre-hooks on the decoder
-layers that replace their ``attention_mask`` keyword; transformers checkpoints a layer's ``forward`` inside
-``__call__`` (after the hooks), so gradient checkpointing recomputes with the swapped mask.
+layers that replace their ``attention_mask`` keyword. They stay installed, and keep the last batch's masks, until
+the next forward: transformers 5.24 checkpoints a layer's ``forward`` (the hooks run once, outside), but earlier 5.x
+releases checkpoint its whole ``__call__``, so backward's recompute runs the hooks again after forward has returned.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from coma.backbones.base import BackboneAdapter
 from coma.masks import compression_attention_mask, per_layer_masks, split_layer_masks
 from coma.train.stage1_data import IGNORE_INDEX
 
-__all__ = ["MASK_MODES", "REDUCTIONS", "Stage1Objective", "Stage1Output", "layer_masks"]
+__all__ = ["MASK_MODES", "REDUCTIONS", "Stage1Objective", "LayerMaskSwap", "Stage1Output"]
 
 MASK_MODES = ("bottleneck", "none", "split_layer")
 REDUCTIONS = ("mean", "sum")
@@ -53,20 +54,40 @@ def _swap_attention_mask(mask: Tensor, module: nn.Module, args: tuple, kwargs: d
     return args, {**kwargs, "attention_mask": mask}
 
 
-@contextlib.contextmanager
-def layer_masks(layers: Sequence[nn.Module], masks: Sequence[Tensor]) -> Iterator[None]:
-    """Within the block, decoder layer ``i`` attends with ``masks[i]`` whatever mask the model passes it."""
-    if len(layers) != len(masks):
-        raise ValueError(f"{len(layers)} decoder layers but {len(masks)} masks")
-    handles = [
-        layer.register_forward_pre_hook(partial(_swap_attention_mask, mask), with_kwargs=True)
-        for layer, mask in zip(layers, masks, strict=True)
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+class LayerMaskSwap:
+    """Forward pre-hooks that give decoder layer ``i`` the mask ``masks[i]`` inside :meth:`applying`.
+
+    After the block, a layer is still given its mask when it is called again with the very mask object it received
+    inside: that is backward's recompute under gradient checkpointing, which replays the layer with the keywords of
+    its first call. Any other call (another batch, another objective on the same model) keeps its own mask.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module]) -> None:
+        self.num_layers = len(layers)
+        self.masks: Sequence[Tensor] | None = None
+        self.received: list[Any] = [None] * self.num_layers
+        self.active = False
+        for index, layer in enumerate(layers):
+            layer.register_forward_pre_hook(partial(self._swap, index), with_kwargs=True)
+
+    @contextlib.contextmanager
+    def applying(self, masks: Sequence[Tensor]) -> Iterator[None]:
+        if len(masks) != self.num_layers:
+            raise ValueError(f"{self.num_layers} decoder layers but {len(masks)} masks")
+        self.masks, self.received, self.active = masks, [None] * self.num_layers, True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def _swap(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.active:
+            self.received[index] = kwargs.get("attention_mask")
+        else:
+            incoming = kwargs.get("attention_mask")
+            if self.masks is None or incoming is None or incoming is not self.received[index]:
+                return None
+        return _swap_attention_mask(self.masks[index], module, args, kwargs)
 
 
 def _compute_dtype(backbone: nn.Module) -> torch.dtype:
@@ -122,6 +143,9 @@ class Stage1Objective(nn.Module):
         self.split_layer = split_layer
         self.bidirectional_c = bidirectional_c
         self.reduction = reduction
+        self.layer_mask_swap = (
+            LayerMaskSwap(adapter.decoder_layers(backbone)) if mask_mode == "split_layer" else None
+        )
 
     def attention_masks(self, batch: dict[str, Any]) -> list[Tensor] | Tensor:
         """The 4-D additive mask of the batch, or one per decoder layer (shared tensors) for ``split_layer``."""
@@ -150,7 +174,7 @@ class Stage1Objective(nn.Module):
         if position_ids is None:
             position_ids = self.adapter.position_ids(self.backbone, batch)
         if isinstance(masks, list):
-            with layer_masks(self.adapter.decoder_layers(self.backbone), masks):
+            with self.layer_mask_swap.applying(masks):
                 yield masks[0], position_ids
         else:
             yield masks, position_ids
