@@ -30,6 +30,9 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
         assert len(scores["datasets"]) == 10
     markdown = (tmp_path / "report.md").read_text()
     assert "chance" in markdown and "(b) compression" in markdown
+    assert "Stage 1 attention mask: bottleneck." in markdown
+    stage1_run = json.loads((tmp_path / "seed0" / "coma_stage1" / "run_config.json").read_text())
+    assert stage1_run["config"]["mask_mode"] == "bottleneck"
     assert (tmp_path / "report.png").stat().st_size > 1000
     assert "| arm |" in capsys.readouterr().out
 

@@ -10,6 +10,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a ~1-minute smoke run (small world, few steps)")
     parser.add_argument("--seeds", type=int, default=1, help="repeat with N seeds and report mean ± std")
     parser.add_argument("--num-tokens", type=int, default=None, help="compression tokens T")
+    parser.add_argument(
+        "--stage1-mask-mode",
+        choices=("bottleneck", "none"),
+        default=None,
+        help="stage 1's attention: answers see the image only through the compression tokens (default), or also "
+        "directly (ablation)",
+    )
     parser.add_argument("--stage2-steps", type=int, default=None, help="matching steps of arms (a) and (b)")
     parser.add_argument(
         "--workers",
@@ -30,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
         config = quick_config(config)
     if args.num_tokens is not None:
         config = replace(config, num_tokens=args.num_tokens)
+    if args.stage1_mask_mode is not None:
+        config = replace(config, stage1_mask_mode=args.stage1_mask_mode)
     if args.stage2_steps is not None:
         config = replace(config, stage2_steps=args.stage2_steps)
     if args.workers is not None:
