@@ -63,30 +63,28 @@ class LayerMaskSwap:
     """
 
     def __init__(self, layers: Sequence[nn.Module]) -> None:
-        self.num_layers = len(layers)
-        self.masks: Sequence[Tensor] | None = None
-        self.received: list[Any] = [None] * self.num_layers
+        self.masks: Sequence[Tensor] = ()
+        self.received: list[Any] = [None] * len(layers)
         self.active = False
         for index, layer in enumerate(layers):
             layer.register_forward_pre_hook(partial(self._swap, index), with_kwargs=True)
 
     @contextlib.contextmanager
     def applying(self, masks: Sequence[Tensor]) -> Iterator[None]:
-        if len(masks) != self.num_layers:
-            raise ValueError(f"{self.num_layers} decoder layers but {len(masks)} masks")
-        self.masks, self.received, self.active = masks, [None] * self.num_layers, True
+        if len(masks) != len(self.received):
+            raise ValueError(f"{len(self.received)} decoder layers but {len(masks)} masks")
+        self.masks, self.received, self.active = masks, [None] * len(masks), True
         try:
             yield
         finally:
             self.active = False
 
     def _swap(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        incoming = kwargs.get("attention_mask")
         if self.active:
-            self.received[index] = kwargs.get("attention_mask")
-        else:
-            incoming = kwargs.get("attention_mask")
-            if self.masks is None or incoming is None or incoming is not self.received[index]:
-                return None
+            self.received[index] = incoming
+        elif incoming is None or incoming is not self.received[index]:
+            return None
         return _swap_attention_mask(self.masks[index], module, args, kwargs)
 
 
