@@ -148,9 +148,9 @@ class CountingCollate:
         return self.original(items, image_root)
 
 
-def run_eval(embedder, toy, out, **kwargs):
+def run_eval(embedder, toy, out, image_root=None, **kwargs):
     kwargs.setdefault("batch_size", 4)
-    return evaluate(embedder, toy, toy, out, show_progress=False, **kwargs)
+    return evaluate(embedder, toy, image_root or toy, out, show_progress=False, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,10 +342,35 @@ def test_bad_inputs_name_file_row_and_field(embedder, tmp_path):
     ):
         run_eval(embedder, tmp_path, tmp_path / "out")
     rows = retrieval_rows()
-    rows[2]["qry_text"] = "<|image_1|> a caption"
+    rows[2]["qry_text"], rows[2]["qry_img_path"] = "<|image_1|> a <|image_1|> caption", image_path(0)
+    rows[0]["tgt_img_path"][1] = "missing.png"
     write_parquet(tmp_path / "ImageNet-1K", rows)
-    with pytest.raises(DataFormatError, match=r":3: field 'qry_text'.*has no image"):
+    with pytest.raises(DataFormatError, match=r"2 bad row\(s\)[^\n]*\n.*:1: field 'tgt_img_path\[1\]'.*missing.png"
+                       r".*\n.*:3: field 'qry_text'.*holds 2 '<\|image_1\|>'"):  # fmt: skip
         run_eval(embedder, tmp_path, tmp_path / "out")
+    scores = run_eval(embedder, tmp_path, tmp_path / "out", skip_bad=True)
+    assert scores["skipped_queries"] == {"ImageNet-1K": 2}
+    assert scores["datasets"]["ImageNet-1K"]["n"] == len(rows) - 2
+
+
+def test_text_only_placeholders_are_dropped_and_counted(embedder, tmp_path):
+    # Real EDIS / WebQA text-only queries carry "<|image_1|>\n" (hub-layouts §2).
+    write_images(tmp_path)
+    rows = retrieval_rows()
+    write_parquet(tmp_path / "plain" / "ImageNet-1K", rows)
+    for row in rows:
+        row["qry_text"] = "<|image_1|>\n" + row["qry_text"]
+    write_parquet(tmp_path / "fixed" / "ImageNet-1K", rows)
+    plain, fixed = (run_eval(embedder, tmp_path / name, tmp_path / f"out-{name}", image_root=tmp_path)
+                    for name in ("plain", "fixed"))  # fmt: skip
+    assert (
+        fixed["placeholder_fixes"] == {"ImageNet-1K/queries": len(rows)} and plain["placeholder_fixes"] == {}
+    )
+    assert fixed["datasets"]["ImageNet-1K"] == plain["datasets"]["ImageNet-1K"]
+    assert (
+        "ImageNet-1K: 3 text-only queries carried <|image_1|>; removed"
+        in (tmp_path / "out-fixed" / "scores.md").read_text()
+    )
 
 
 def test_reports_are_written(embedder, toy, tmp_path):

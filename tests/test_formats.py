@@ -16,6 +16,7 @@ from coma.data.formats import (
     TrainPair,
     data_files,
     list_data_subsets,
+    ProblemLog,
     read_conversations,
     read_mmeb_eval_dataset,
     read_mmeb_train_subset,
@@ -194,9 +195,16 @@ def test_train_parquet_hub_layout(tmp_path: Path) -> None:
         neg_image_path="",
         source=str(folder / "original-00000-of-00001.parquet"),
     )
-    both = read_mmeb_train_subset(folder, subset="imagenet")
-    assert len(both) == 5 and both[0].qry.startswith("Classify") and {p.subset for p in both} == {"imagenet"}
-    assert [p.qry for p in read_mmeb_train_subset(folder, limit=3)] == [p.qry for p in both[:3]]
+    # No split given: `original` only, never mixed with the other splits (hub-layouts §1).
+    default = read_mmeb_train_subset(folder, subset="imagenet")
+    assert [p.qry for p in default] == [p.qry for p in pairs] and {p.subset for p in default} == {"imagenet"}
+    assert [p.qry for p in read_mmeb_train_subset(folder, limit=2)] == [p.qry for p in pairs[:2]]
+    assert read_mmeb_train_subset(folder, split="diverse_instruction")[0].qry.startswith("Classify")
+    _write_parquet(folder / "train-00000-of-00001.parquet", [_train_row(9)], TRAIN_SCHEMA)
+    assert len(read_mmeb_train_subset(folder)) == 3 and len(read_mmeb_train_subset(folder, split="train")) == 1
+    (folder / "original-00000-of-00001.parquet").unlink()
+    with pytest.raises(DataFormatError, match="several splits \\(diverse_instruction, train\\) and no 'original'"):
+        read_mmeb_train_subset(folder)
     assert read_mmeb_train_subset(folder, limit=0) == []
     with pytest.raises(ValueError, match="limit"):
         read_mmeb_train_subset(folder, limit=-1)
@@ -344,8 +352,7 @@ def test_conversations_json_list(tmp_path: Path) -> None:
             ),
         ],
     )
-    conversations, skipped = read_conversations(path)
-    assert skipped == 0
+    conversations = read_conversations(path)
     assert conversations[0] == Conversation(
         id="000001",
         image="coco/1.jpg",
@@ -372,7 +379,7 @@ def test_conversations_json_list(tmp_path: Path) -> None:
 def test_image_token_removed_with_its_newline(tmp_path: Path, question: str, expected: str) -> None:
     turns = [{"from": "human", "value": question}, {"from": "gpt", "value": "A cat."}]
     write_jsonl(tmp_path / "c.jsonl", [_chat(turns=turns)])
-    (conversation,), _ = read_conversations(tmp_path / "c.jsonl")
+    (conversation,) = read_conversations(tmp_path / "c.jsonl")
     assert conversation.turns == ((expected, "A cat."),)
 
 
@@ -414,10 +421,11 @@ def test_bad_conversation_names_row_and_field(tmp_path: Path, record: dict, fiel
 def test_skip_bad_counts_skipped_rows(tmp_path: Path) -> None:
     path = tmp_path / "chat.json"
     write_json(path, [_chat(ident=1), "not an object", *(record for record, _ in BAD_CHATS), _chat(ident=2)])
-    conversations, skipped = read_conversations(path, skip_bad=True)
+    problems = ProblemLog()
+    conversations = read_conversations(path, problems=problems)
     assert [c.id for c in conversations] == ["1", "2"]
     assert [c.row for c in conversations] == [1, len(BAD_CHATS) + 3]
-    assert skipped == len(BAD_CHATS) + 1
+    assert problems.count == len(BAD_CHATS) + 1 and problems.errors[0].row == 2
     with pytest.raises(DataFormatError) as info:
         read_conversations(path)
     assert info.value.row == 2

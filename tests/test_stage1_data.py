@@ -9,8 +9,7 @@ from helpers import FAMILIES, random_image
 from coma.backbones import load_backbone
 from coma.compression import add_compression_tokens
 from coma.config import ComaConfig
-from coma.data.formats import Conversation
-from coma.data.images import ImageLoadError
+from coma.data.formats import Conversation, DataFormatError
 from coma.train.stage1_data import (
     IGNORE_INDEX,
     TEXT_COMPRESS_PROMPT,
@@ -222,9 +221,11 @@ def test_collator_loads_images_from_root(processor, image_files):
     batch = collator([conv, TEXT_ONLY])
     assert batch["dropped"] == 0 and batch["dropped_turns"] == 0
     assert batch["input_ids"].shape[0] == 2 and batch["image_grid_thw"].shape == (1, 3)
-    direct = build(processor, [conv, TEXT_ONLY], [collator.load_images([conv])[0], None])
+    direct = build(processor, [conv, TEXT_ONLY], [collator.load_images([conv])[1][0], None])
     assert torch.equal(batch["input_ids"], direct.tensors["input_ids"])
     assert torch.equal(batch["pixel_values"], direct.tensors["pixel_values"])
     missing = Conversation("m", "nope.png", TWO_TURNS.turns, "data.jsonl", 7)
-    with pytest.raises(ImageLoadError, match=r"data.jsonl, row 7, field 'image'.*nope.png"):
+    with pytest.raises(DataFormatError, match=r"data.jsonl:7: field 'image'.*nope.png"):
         collator([missing])
+    skipping = Stage1Collator(processor, CONFIG, image_root=root, skip_bad=True)
+    assert skipping([missing, conv])["input_ids"].shape[0] == 1 and skipping.skipped == 1

@@ -372,7 +372,7 @@ def test_training_lowers_the_loss_and_raises_in_batch_accuracy(tiny_model_dir, t
     torch.manual_seed(0)
     embedder = _embedder(tiny_model_dir)
     model = embedder.model
-    data = PairDataset.from_config(data_root)
+    data = PairDataset.from_config(data_root, image_root=image_root)
     assert len(data) == 64
     sampler = BlockMixtureSampler(data.subset_sizes, data.weights, global_batch_size=8, block_size=8, seed=0)
     collator = PairCollator(embedder, image_root)

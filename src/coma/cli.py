@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("merge", "merge a LoRA/DoRA adapter and the compression rows into a plain model folder"),
     "match": ("match", "stage 2: contrastive matching"),
     "eval": ("evaluate", "MMEB-style evaluation"),
+    "check": ("check", "pre-flight check of the data of compress, match or eval"),
     "synth": ("synth", "write the synthetic multimodal world"),
     "demo": ("demo", "the end-to-end CPU demo"),
 }

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from coma.config import ComaConfig
+from coma.data.formats import drop_orphan_placeholder
 
 
 def compression_token_ids(tokenizer, config: ComaConfig) -> list[int]:
@@ -58,9 +59,11 @@ def _mean_init_rows(module: nn.Module, ids: list[int], rows_before: int) -> None
 def embedding_text(text: str, has_image: bool, config: ComaConfig, image_block: str) -> str:
     """The encoder input of stage 2 and inference: the text with the image block in place, then C_0 … C_{T-1}.
 
-    An image without a placeholder goes first, on its own line (the MMEB-train convention).
+    An image without a placeholder goes first, on its own line (the MMEB-train convention); a placeholder without an
+    image is dropped with its newline (real WebQA / EDIS queries carry one; readers count those before this point).
     """
     placeholder = config.image_placeholder
+    text, _ = drop_orphan_placeholder(text, has_image, placeholder)
     count = text.count(placeholder)
     if has_image:
         if count == 0:
@@ -69,6 +72,4 @@ def embedding_text(text: str, has_image: bool, config: ComaConfig, image_block: 
             raise ValueError(
                 f"input text has {count} image placeholders {placeholder!r}; one image per input"
             )
-    elif count:
-        raise ValueError(f"input text contains {placeholder!r} but no image was given: {text[:80]!r}")
     return text.replace(placeholder, image_block) + "".join(config.token_strings)

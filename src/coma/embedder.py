@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,10 +20,12 @@ from coma.backbones import load_backbone
 from coma.backbones.base import BackboneAdapter
 from coma.compression import add_compression_tokens, compression_token_ids, embedding_text
 from coma.config import ComaConfig
+from coma.data.formats import PlaceholderFixes
 from coma.data.images import load_image, looks_like_image_path
 from coma.io import atomic_open
 from coma.model import EmbeddingModel
 
+logger = logging.getLogger(__name__)
 POOLER_WEIGHTS = "pooler.safetensors"
 ImageLike = str | os.PathLike | Image.Image
 
@@ -180,6 +183,15 @@ class Embedder:
         ``instruction`` is put before each input's text (after the image block), as MMEB instructions are.
         """
         items = [as_encode_input(item) for item in inputs]
+        fixes = PlaceholderFixes(self.config.image_placeholder)
+        items = [
+            EncodeInput(fixes.fix(it.text, it.image is not None, "encode", "input(s)"), it.image)
+            for it in items
+        ]
+        if fixes.total():
+            logger.warning(
+                "%d text-only input(s) carried %s; removed", fixes.total(), self.config.image_placeholder
+            )
         if instruction:
             items = [
                 EncodeInput(f"{instruction}\n{it.text}" if it.text else instruction, it.image) for it in items

@@ -45,3 +45,27 @@ class BackboneAdapter:
 
     def vision_tower(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
+
+    def visual_tokens(self, processor: Any, width: int, height: int) -> int:
+        """How many tokens a width × height image becomes in the language model, at the processor's pixel bounds."""
+        raise NotImplementedError
+
+    def enable_activation_checkpointing(self, model: nn.Module) -> None:
+        """Non-reentrant activation checkpointing of every decoder layer of ``model`` (a transformers model).
+
+        transformers 5.24 renamed ``gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)`` to
+        ``activation_checkpointing_enable(activation_checkpointing_kwargs=...)`` and deprecated the old name; the
+        model's class says which one this release has. Non-reentrant, because it gives gradients to the weights
+        inside a layer even when the layer's inputs do not require grad (the reentrant variant gives them none).
+        """
+        kwargs = {"use_reentrant": False}
+        if hasattr(type(model), "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        off = [i for i, layer in enumerate(self.decoder_layers(model)) if not layer.gradient_checkpointing]
+        if off:
+            # A release that stops honouring the call would otherwise silently train without checkpointing.
+            raise RuntimeError(
+                f"activation checkpointing did not reach decoder layers {off} of {type(model).__name__}"
+            )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +101,18 @@ class QwenVLAdapter(BackboneAdapter):
 
     def vision_tower(self, model: nn.Module) -> nn.Module:
         return _inner_model(model).visual
+
+    def visual_tokens(self, processor: Any, width: int, height: int) -> int:
+        """Visual tokens of a width × height image at the processor's pixel bounds (its own resize rule)."""
+        image_processor = processor.image_processor
+        # The rule lives beside the processor class in use (the PIL one without torchvision, whose module differs).
+        smart_resize = importlib.import_module(type(image_processor).__module__).smart_resize
+        factor = image_processor.patch_size * image_processor.merge_size
+        size = image_processor.size
+        resized_height, resized_width = smart_resize(
+            height, width, factor=factor, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"]
+        )
+        return (resized_height // factor) * (resized_width // factor)
 
 
 @functools.cache

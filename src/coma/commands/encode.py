@@ -8,8 +8,16 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="coma model folder, or a VLM folder / hub id")
-    parser.add_argument("--input", required=True, help='JSONL file, one {"text": ..., "image": ...} per line')
-    parser.add_argument("--out", required=True, help="output .npy file (N × D float32, L2-normalised)")
+    parser.add_argument(
+        "--input",
+        required=True,
+        help='JSONL file, one {"text": ..., "image": ...} per line, or a folder of images (searched recursively)',
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output .npy file (N × D float32, L2-normalised); for a folder, OUT.paths.txt lists the rows' images",
+    )
     parser.add_argument("--instruction", default=None, help="instruction put before every input's text")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--pooling", default=None, help="override the model's pooling")
@@ -17,12 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def read_encode_inputs(path: Path) -> list:
-    """Read the JSONL input; image paths are relative to the file's folder."""
+def read_encode_inputs(path: Path, placeholder: str = "<|image_1|>") -> list:
+    """Read the JSONL input; image paths are relative to the file's folder.
+
+    A text-only line whose text holds the image placeholder loses it (counted and reported once).
+    """
+    from coma.data.formats import PlaceholderFixes
     from coma.embedder import EncodeInput, as_encode_input
     from coma.io import iter_jsonl
 
     items = []
+    fixes = PlaceholderFixes(placeholder)
     for line_number, row in iter_jsonl(path):
         try:
             item = as_encode_input(row)
@@ -30,25 +43,39 @@ def read_encode_inputs(path: Path) -> list:
             raise ValueError(f"{path}:{line_number}: {error}") from None
         if item.image is not None and not isinstance(item.image, str):
             raise ValueError(f"{path}:{line_number}: field 'image' must be a path string")
-        items.append(EncodeInput(item.text, str(path.parent / item.image) if item.image else None))
+        text = fixes.fix(item.text, item.image is not None, path.name, "inputs")
+        items.append(EncodeInput(text, str(path.parent / item.image) if item.image else None))
+    for line in fixes.lines():
+        print(line)
     return items
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from coma.embedder import Embedder
+    from coma.data.images import list_image_files
+    from coma.embedder import Embedder, EncodeInput
     from coma.io import atomic_open
 
     path = Path(args.input)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
-    items = read_encode_inputs(path)
     embedder = Embedder.from_pretrained(args.model, pooling=args.pooling, device=args.device)
+    images = None
+    if path.is_dir():
+        images = list_image_files(path)
+        if not images:
+            raise FileNotFoundError(f"{path}: no image files in the folder")
+        items = [EncodeInput(image=str(image)) for image in images]
+    elif path.is_file():
+        items = read_encode_inputs(path, embedder.config.image_placeholder)
+    else:
+        raise FileNotFoundError(f"input file not found: {path}")
     embeddings = embedder.encode(
         items, instruction=args.instruction, batch_size=args.batch_size, show_progress=not args.no_progress
     )
     with atomic_open(args.out, "wb") as handle:
         np.save(handle, embeddings)
+    if images is not None:
+        with atomic_open(f"{args.out}.paths.txt") as handle:
+            handle.write("".join(f"{image.relative_to(path)}\n" for image in images))
     print(f"encoded {len(items)} inputs -> {args.out} {embeddings.shape}")
     return 0

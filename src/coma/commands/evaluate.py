@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=DTYPES, default=None, help="default: bfloat16 on cuda, float32 on cpu"
     )
     parser.add_argument("--pooling", default=None, help="override the model's pooling")
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out (and count in scores.json) queries whose row or images are bad instead of stopping",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
         "--compare",
@@ -103,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
             show_progress=not args.no_progress,
             limit=args.limit,
             model_path=args.model,
+            skip_bad=args.skip_bad,
         )
     finally:
         if joined:

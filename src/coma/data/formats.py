@@ -7,20 +7,19 @@ bad row in a 600k-row dump is found from the message alone. Image paths stay rel
 
 from __future__ import annotations
 
+import functools
 import json
-import logging
 import os
+import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from coma.io import iter_jsonl
-
 if TYPE_CHECKING:
     import pyarrow.parquet as pq
 
-logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 PARQUET_BATCH_ROWS = 1024
@@ -28,10 +27,11 @@ IMAGE_TOKEN = "<image>"
 
 # LLaVA data says human/gpt; chat-style dumps say user/assistant. Both map onto the same two roles.
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
-_LOGGED_SKIPS = 5
 
 TRAIN_REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 EVAL_REQUIRED = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
+# The hub's MMEB-train subsets hold original-*, diverse_instruction-* and a legacy train-* shard (hub-layouts §1).
+DEFAULT_SPLIT = "original"
 
 
 class DataFormatError(ValueError):
@@ -95,10 +95,35 @@ def _split_of(name: str) -> str:
     return stem.split("-", 1)[0]
 
 
+def splits_present(files: Sequence[Path]) -> list[str]:
+    """The split names of some data files, sorted."""
+    return sorted({_split_of(p.name) for p in files})
+
+
+def default_split(path: str | os.PathLike, files: Sequence[Path]) -> str | None:
+    """The split to read when none is given: ``original`` when present, the only split when there is one.
+
+    A folder with several splits and no ``original`` is an error (they are alternative views of one dataset, never
+    to be mixed); None means "read every file" (a single file, or a folder with one split).
+    """
+    present = splits_present(files)
+    if len(present) <= 1:
+        return None
+    if DEFAULT_SPLIT in present:
+        return DEFAULT_SPLIT
+    raise DataFormatError(
+        path,
+        None,
+        None,
+        f"holds several splits ({', '.join(present)}) and no '{DEFAULT_SPLIT}'; choose one with --split",
+    )
+
+
 def data_files(path: str | os.PathLike, split: str | None = None) -> list[Path]:
     """The data files at ``path``: the file itself, or a folder's ``*.jsonl|*.json|*.parquet`` sorted by name.
 
     ``split`` keeps only files whose name is ``{split}.<ext>`` or starts with ``{split}-`` (hub shard naming).
+    Hidden files (macOS ``._*`` among them) are never data.
     """
     path = Path(path)
     if not path.exists():
@@ -126,17 +151,37 @@ def data_files(path: str | os.PathLike, split: str | None = None) -> list[Path]:
         return candidates
     files = [p for p in candidates if _split_of(p.name) == split]
     if not files:
-        present = sorted({_split_of(p.name) for p in candidates})
         raise DataFormatError(
-            path, None, None, f"no data files for split '{split}' (splits present: {', '.join(present)})"
+            path,
+            None,
+            None,
+            f"no data files for split '{split}' (splits present: {', '.join(splits_present(candidates))})",
         )
     return files
 
 
+@dataclass(frozen=True)
+class InvalidJSON:
+    """A JSONL line that does not parse; its row is reported like any other bad row and the next line still reads."""
+
+    message: str
+
+
+def _iter_jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield line_number, json.loads(line)
+            except json.JSONDecodeError as error:
+                yield line_number, InvalidJSON(f"not valid JSON ({error.msg})")
+
+
 def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield ``(row, value)`` from one file; JSON-list items are yielded even when they are not objects."""
+    """Yield ``(row, value)`` from one file; values that are not objects (or not JSON) are yielded as they are."""
     if path.suffix == ".jsonl":
-        yield from iter_jsonl(path)
+        yield from _iter_jsonl_lines(path)
     elif path.suffix == ".json":
         with open(path, encoding="utf-8") as handle:
             try:
@@ -180,16 +225,97 @@ def _check_parquet_columns(path: Path, required: Sequence[str]) -> None:
             )
 
 
+def _require(path: Path, row: int, record: Any, required: Sequence[str]) -> dict:
+    """The record as a dict holding every ``required`` field, or a ``DataFormatError`` naming the row."""
+    if isinstance(record, InvalidJSON):
+        raise DataFormatError(path, row, None, record.message)
+    if not isinstance(record, dict):
+        raise DataFormatError(path, row, None, f"expected an object, got {_type_name(record)}")
+    for column in required:
+        if column not in record:
+            raise DataFormatError(path, row, column, "missing required field")
+    return record
+
+
 def _iter_file_records(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
     if path.suffix == ".parquet" and required:
         _check_parquet_columns(path, required)
     for row, record in _iter_raw(path):
-        if not isinstance(record, dict):
-            raise DataFormatError(path, row, None, f"expected an object, got {_type_name(record)}")
-        for column in required:
-            if column not in record:
-                raise DataFormatError(path, row, column, "missing required field")
-        yield row, record
+        yield row, _require(path, row, record, required)
+
+
+class ProblemLog:
+    """Bad rows collected instead of raised at the first one, so one pass names them all (``--skip-bad``, ``check``).
+
+    ``errors`` keeps the first ``keep`` in full; ``count`` and ``by_dataset`` count every one.
+    """
+
+    def __init__(self, keep: int = 20) -> None:
+        self.keep = keep
+        self.errors: list[DataFormatError] = []
+        self.count = 0
+        self.by_dataset: Counter[str] = Counter()
+        self.missing_images: Counter[str] = Counter()
+
+    def add(self, error: DataFormatError, dataset: str) -> None:
+        self.count += 1
+        self.by_dataset[dataset] += 1
+        if error.problem.startswith("image not found"):
+            self.missing_images[dataset] += 1
+        if len(self.errors) < self.keep:
+            self.errors.append(error)
+
+    def merge(self, other: ProblemLog) -> None:
+        """Take in another log's problems (kept errors up to this log's ``keep``)."""
+        self.count += other.count
+        self.by_dataset.update(other.by_dataset)
+        self.missing_images.update(other.missing_images)
+        self.errors += other.errors[: max(0, self.keep - len(self.errors))]
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def summary(self, what: str) -> str:
+        """``N bad row(s) in WHAT (the first K):`` and one line per kept error."""
+        shown = f" (the first {len(self.errors)})" if self.count > len(self.errors) else ""
+        lines = [f"{self.count:,} bad row(s) in {what}{shown}:", *(f"  {error}" for error in self.errors)]
+        return "\n".join(lines)
+
+
+class DataCheckError(DataFormatError):
+    """Rows that failed the pre-flight check: the message names the first ones by file, row and field; ``path``,
+    ``row`` and ``field`` are the first one's."""
+
+    def __init__(self, problems: ProblemLog, what: str) -> None:
+        first = problems.errors[0]
+        self.problems = problems
+        self.path, self.row, self.field, self.problem = first.path, first.row, first.field, first.problem
+        ValueError.__init__(
+            self,
+            problems.summary(what)
+            + "\n(`coma check` prints the full table; --skip-bad skips and counts such rows)",
+        )
+
+
+def _records_or_problems(
+    path: Path, required: Sequence[str], problems: ProblemLog | None, dataset: str
+) -> Iterator[tuple[int, dict]]:
+    """Rows of one file; with ``problems`` a bad row (or a file missing a column) is logged and skipped."""
+    try:
+        if path.suffix == ".parquet" and required:
+            _check_parquet_columns(path, required)
+    except DataFormatError as error:
+        if problems is None:
+            raise
+        problems.add(error, dataset)
+        return
+    for row, raw in _iter_raw(path):
+        try:
+            yield row, _require(path, row, raw, required)
+        except DataFormatError as error:
+            if problems is None:
+                raise
+            problems.add(error, dataset)
 
 
 def read_records(
@@ -266,6 +392,51 @@ def _check_limit(limit: int | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Image placeholders in text-only inputs
+
+
+@functools.cache
+def _orphan_pattern(placeholder: str) -> re.Pattern[str]:
+    # The placeholder, the spaces after it and one newline: "<|image_1|>\nFind ..." and "Find <|image_1|> a ...".
+    return re.compile(re.escape(placeholder) + r"[ \t]*\n?")
+
+
+def drop_orphan_placeholder(text: str, has_image: bool, placeholder: str) -> tuple[str, bool]:
+    """``(text, removed)``: a text-only input's image placeholder (and the newline after it) removed.
+
+    Real rows carry the placeholder without an image (WebQA train queries, EDIS and WebQA eval queries; hub-layouts
+    §1-§2); an input with an image is returned unchanged.
+    """
+    if has_image or placeholder not in text:
+        return text, False
+    return _orphan_pattern(placeholder).sub("", text), True
+
+
+class PlaceholderFixes:
+    """Counts of text-only inputs whose placeholder was removed, per (dataset, side), reported once."""
+
+    def __init__(self, placeholder: str) -> None:
+        self.placeholder = placeholder
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def fix(self, text: str, has_image: bool, dataset: str, side: str) -> str:
+        text, removed = drop_orphan_placeholder(text, has_image, self.placeholder)
+        if removed:
+            self.counts[dataset, side] += 1
+        return text
+
+    def total(self, dataset: str | None = None) -> int:
+        return sum(n for (name, _), n in self.counts.items() if dataset is None or name == dataset)
+
+    def lines(self) -> list[str]:
+        """One line per dataset and side: ``WebQA: 17,160 text-only queries carried <|image_1|>; removed``."""
+        return [
+            f"{dataset}: {count:,} text-only {side} carried {self.placeholder}; removed"
+            for (dataset, side), count in sorted(self.counts.items())
+        ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # MMEB-train
 
 
@@ -289,11 +460,13 @@ def read_mmeb_train_subset(
     subset: str | None = None,
     split: str | None = None,
     limit: int | None = None,
+    problems: ProblemLog | None = None,
 ) -> list[TrainPair]:
     """Read one MMEB-train subset folder (or one file); ``subset`` defaults to the folder's name.
 
-    On the hub each subset holds ``original-*.parquet`` and ``diverse_instruction-*.parquet``: pass ``split`` to
-    pick one, otherwise both are read.
+    On the hub each subset holds ``original-*``, ``diverse_instruction-*`` and a legacy ``train-*`` shard: ``split``
+    picks one; None reads ``original`` when the folder holds several splits (:func:`default_split`). ``limit``
+    keeps the first rows (the paper's ``num_sample_per_subset``); with ``problems`` bad rows are logged and skipped.
     """
     _check_limit(limit)
     folder = Path(folder)
@@ -302,10 +475,19 @@ def read_mmeb_train_subset(
     pairs: list[TrainPair] = []
     if limit == 0:
         return pairs
+    if split is None:
+        split = default_split(folder, data_files(folder))
+    seen = 0
     for file in data_files(folder, split):
-        for row, record in _iter_file_records(file, TRAIN_REQUIRED):
-            pairs.append(_train_pair(subset, file, row, record))
-            if limit is not None and len(pairs) >= limit:
+        for row, record in _records_or_problems(file, TRAIN_REQUIRED, problems, subset):
+            seen += 1
+            try:
+                pairs.append(_train_pair(subset, file, row, record))
+            except DataFormatError as error:
+                if problems is None:
+                    raise
+                problems.add(error, subset)
+            if limit is not None and seen >= limit:
                 return pairs
     return pairs
 
@@ -336,17 +518,34 @@ def _eval_query(path: Path, row: int, record: dict) -> EvalQuery:
 
 
 def read_mmeb_eval_dataset(
-    folder: str | os.PathLike, *, split: str | None = None, limit: int | None = None
+    folder: str | os.PathLike,
+    *,
+    split: str | None = None,
+    limit: int | None = None,
+    problems: ProblemLog | None = None,
 ) -> list[EvalQuery]:
-    """Read one MMEB-eval dataset folder (or one file); the hub's folders hold ``test-*.parquet``."""
+    """Read one MMEB-eval dataset folder (or one file); the hub's folders hold ``test-*.parquet``.
+
+    With ``problems`` a bad row is logged (under the folder's name) and skipped instead of raising.
+    """
     _check_limit(limit)
     queries: list[EvalQuery] = []
     if limit == 0:
         return queries
+    if split is None:
+        split = default_split(folder, data_files(folder))
+    dataset = Path(folder).name if Path(folder).is_dir() else Path(folder).parent.name
+    seen = 0
     for file in data_files(folder, split):
-        for row, record in _iter_file_records(file, EVAL_REQUIRED):
-            queries.append(_eval_query(file, row, record))
-            if limit is not None and len(queries) >= limit:
+        for row, record in _records_or_problems(file, EVAL_REQUIRED, problems, dataset):
+            seen += 1
+            try:
+                queries.append(_eval_query(file, row, record))
+            except DataFormatError as error:
+                if problems is None:
+                    raise
+                problems.add(error, dataset)
+            if limit is not None and seen >= limit:
                 return queries
     return queries
 
@@ -364,8 +563,7 @@ def _remove_image_token(text: str) -> str:
 
 
 def _conversation(path: Path, row: int, record: Any) -> Conversation:
-    if not isinstance(record, dict):
-        raise DataFormatError(path, row, None, f"expected an object, got {_type_name(record)}")
+    record = _require(path, row, record, ())
     ident = record.get("id")
     if isinstance(ident, bool) or not isinstance(ident, (str, int)):
         raise DataFormatError(path, row, "id", f"expected a string or integer, got {_type_name(ident)}")
@@ -417,24 +615,19 @@ def _conversation(path: Path, row: int, record: Any) -> Conversation:
     return Conversation(id=str(ident), image=image, turns=turns, source=str(path), row=row)
 
 
-def read_conversations(path: str | os.PathLike, *, skip_bad: bool = False) -> tuple[list[Conversation], int]:
+def read_conversations(path: str | os.PathLike, *, problems: ProblemLog | None = None) -> list[Conversation]:
     """Read LLaVA-style conversations from a JSON list or JSONL file (or a folder of them).
 
-    Returns ``(conversations, skipped)``. With ``skip_bad`` a row that breaks the format is counted and skipped
-    instead of raising; a file that is not valid JSON still raises, since no row boundary can be trusted.
+    With ``problems`` a row that breaks the format is logged (under the file's name) and skipped instead of raising;
+    a JSON list that does not parse still raises, since no row boundary can be trusted.
     """
     conversations: list[Conversation] = []
-    skipped = 0
     for file in data_files(path):
         for row, record in _iter_raw(file):
             try:
                 conversations.append(_conversation(file, row, record))
             except DataFormatError as error:
-                if not skip_bad:
+                if problems is None:
                     raise
-                skipped += 1
-                if skipped <= _LOGGED_SKIPS:
-                    logger.warning("skipping bad conversation: %s", error)
-    if skipped > _LOGGED_SKIPS:
-        logger.warning("skipped %d bad conversations in %s", skipped, path)
-    return conversations, skipped
+                problems.add(error, file.name)
+    return conversations

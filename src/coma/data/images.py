@@ -19,17 +19,47 @@ class ImageLoadError(ValueError):
 
 
 def resolve_image_path(path: str | os.PathLike, root: str | os.PathLike | None) -> Path:
-    """Resolve a dataset image path inside ``root``; ``..`` escapes and absolute paths elsewhere are refused."""
+    """The file a dataset image path names inside ``root``; ``..`` escapes and absolute paths elsewhere are refused.
+
+    The check is made on the path as written, not after following links: image roots (and folders inside them) are
+    often symlinks to shared storage, and a link the user made is theirs to make.
+    """
     candidate = Path(path)
     if root is None:
         return candidate
-    root_path = Path(root).resolve()
-    resolved = (candidate if candidate.is_absolute() else root_path / candidate).resolve()
-    if not resolved.is_relative_to(root_path):
+    root_path = Path(os.path.abspath(root))
+    joined = Path(os.path.normpath(candidate if candidate.is_absolute() else root_path / candidate))
+    if not joined.is_relative_to(root_path):
         raise ImageLoadError(
-            f"image path {str(path)!r} resolves to {resolved}, outside the image root {root_path}"
+            f"image path {str(path)!r} leads to {joined}, outside the image root {root_path}"
         )
-    return resolved
+    return joined
+
+
+def image_path_problem(path: str, root: str | os.PathLike | None) -> str | None:
+    """Why a dataset image path cannot be used (outside its root, no such file), or None when it can."""
+    try:
+        resolved = resolve_image_path(path, root)
+    except ImageLoadError as error:
+        return str(error)
+    return None if resolved.is_file() else f"image not found: {resolved}"
+
+
+def is_image_file(path: Path) -> bool:
+    """An image by its name; hidden files are not (macOS ``._*`` AppleDouble files share the image's suffix)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files under ``folder`` (recursively, following links), sorted; hidden files and folders skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a folder")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(name for name in dirnames if not name.startswith((".", "__MACOSX")))
+        found += [Path(dirpath) / name for name in filenames if is_image_file(Path(name))]
+    return sorted(found)
 
 
 def load_image(

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from coma.data.formats import DataFormatError
+from coma.data.formats import DataFormatError, list_data_subsets
 from coma.eval.metrics import SPLITS
 
 META_TASKS = ("classification", "vqa", "retrieval", "grounding")
@@ -128,12 +128,14 @@ DEFAULT_MODALITIES: dict[str, tuple[str, str]] = {
 
 @dataclass
 class Benchmark:
-    """The datasets found under a data root; ``missing`` lists declared datasets whose folder is absent."""
+    """The datasets found under a data root; ``missing`` lists declared datasets whose folder is absent, ``extra``
+    the folders holding data that the benchmark does not declare (the hub's MMEB-eval ships ``CIFAR-100``)."""
 
     name: str
     datasets: list[DatasetSpec]
     missing: list[str]
     manifest: Path | None
+    extra: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,7 +281,9 @@ def load_benchmark(data_dir: str | os.PathLike) -> Benchmark:
         name, declared, manifest = MMEB_NAME, list(MMEB_V1_DATASETS), None
     present = [spec for spec in declared if (data_dir / spec.folder).is_dir()]
     missing = [spec.name for spec in declared if not (data_dir / spec.folder).is_dir()]
-    return Benchmark(name=name, datasets=present, missing=missing, manifest=manifest)
+    folders = {spec.folder for spec in declared}
+    extra = [name for name in list_data_subsets(data_dir) if name not in folders]
+    return Benchmark(name=name, datasets=present, missing=missing, manifest=manifest, extra=extra)
 
 
 def select(benchmark: Benchmark, names: list[str] | None) -> Benchmark:
@@ -290,6 +294,12 @@ def select(benchmark: Benchmark, names: list[str] | None) -> Benchmark:
     absent = [name for name in names if name in benchmark.missing]
     if absent:
         raise ValueError(f"datasets not found in the data folder: {', '.join(absent)}")
+    extra = [name for name in names if name in benchmark.extra]
+    if extra:
+        raise ValueError(
+            f"{', '.join(extra)}: in the data folder but not part of benchmark {benchmark.name!r}; describe it in a "
+            f"{MANIFEST_NAME} to evaluate it"
+        )
     unknown = [name for name in names if name not in available]
     if unknown:
         raise ValueError(

@@ -107,6 +107,17 @@ def markdown_report(scores: Mapping[str, Any]) -> str:
     lines += _table(["Group", "Datasets", STRICT_LABEL, TIES_LABEL], summary, "lrrr")
     if scores.get("missing"):
         lines += ["", f"Missing datasets ({len(scores['missing'])}): {', '.join(scores['missing'])}."]
+    if scores.get("extra"):
+        lines += ["", f"Not part of the benchmark, not evaluated: {', '.join(scores['extra'])}."]
+    fixes = scores.get("placeholder_fixes") or {}
+    if fixes:
+        lines += [""] + [
+            f"{key.split('/')[0]}: {count:,} text-only {key.split('/')[1]} carried {settings.get('image_placeholder', '<|image_1|>')}; removed"
+            for key, count in fixes.items()
+        ]
+    if scores.get("skipped_queries"):
+        skipped = ", ".join(f"{name} {count:,}" for name, count in scores["skipped_queries"].items())
+        lines += ["", f"Skipped bad queries (--skip-bad): {skipped}."]
     if "n_inputs" in settings:
         lines += [
             "",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,19 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from coma.data.formats import DataFormatError, read_mmeb_eval_dataset
+from coma.data.formats import (
+    DataCheckError,
+    DataFormatError,
+    EvalQuery,
+    PlaceholderFixes,
+    ProblemLog,
+    read_mmeb_eval_dataset,
+)
 from coma.data.images import ImageLoadError, resolve_image_path
 from coma.embedder import Embedder, EncodeInput
 from coma.eval.cache import EmbeddingCache, input_key, model_fingerprint
 from coma.eval.metrics import aggregate, mrr, precision_at_1, recall_at_k
-from coma.eval.registry import Benchmark, DatasetSpec, apply_format_rule, load_benchmark, select
+from coma.eval.registry import Benchmark, DatasetSpec, FormatRule, apply_format_rule, load_benchmark, select
 from coma.eval.report import write_reports
 
 RECALL_K = 5
@@ -46,6 +53,7 @@ class DatasetInputs:
     spec: DatasetSpec
     queries: np.ndarray
     candidates: list[np.ndarray]
+    rows: list[tuple[str, int]] = field(default_factory=list)  # (data file, row) of each query
 
 
 @dataclass
@@ -56,45 +64,67 @@ class CollectedInputs:
     keys: list[str]
     datasets: list[DatasetInputs]
     n_total: int
+    placeholder_fixes: PlaceholderFixes
+    problems: ProblemLog
 
 
 class _Interner:
-    """Gives each distinct input one id and checks it once (placeholder count, image inside its root)."""
+    """Gives each distinct input one id and checks it once (placeholder count, image inside its root, on disk)."""
 
     def __init__(self, image_root: str | os.PathLike | None, placeholder: str) -> None:
         self.image_root = image_root
         self.placeholder = placeholder
         self.ids: dict[EvalInput, int] = {}
         self.inputs: list[EvalInput] = []
-        self.stats: dict[str, tuple[int, int]] = {}
+        self.stats: dict[str, tuple[int, int] | str] = {}
         self.n_total = 0
 
-    def add(self, text: str, image: str, source: str, row: int, fields: tuple[str, str]) -> int:
-        """Intern one input; ``fields`` name its text and image columns for error messages."""
-        self.n_total += 1
-        item = EvalInput(text, image)
-        found = self.ids.get(item)
-        if found is not None:
-            return found
+    def check(self, text: str, image: str, source: str, row: int, fields: tuple[str, str]) -> None:
+        """Raise ``DataFormatError`` naming the field if this input cannot be encoded."""
         count = text.count(self.placeholder)
-        if count > 1 or (count and not image):
-            problem = "has no image" if not image else "has more than one image"
+        if count > 1:
             raise DataFormatError(
-                source, row, fields[0], f"text holds {count} {self.placeholder!r} but the input {problem}"
+                source, row, fields[0], f"text holds {count} {self.placeholder!r}; one image per input"
             )
-        if image and image not in self.stats:
+        if not image:
+            return
+        if image not in self.stats:
             try:
                 path = resolve_image_path(image, self.image_root)
                 stat = path.stat()
-            except (ImageLoadError, OSError) as error:
-                raise DataFormatError(source, row, fields[1], f"image {image!r}: {error}") from None
-            self.stats[image] = (stat.st_size, stat.st_mtime_ns)
-        self.ids[item] = len(self.inputs)
-        self.inputs.append(item)
-        return self.ids[item]
+                self.stats[image] = (stat.st_size, stat.st_mtime_ns)
+            except ImageLoadError as error:
+                self.stats[image] = str(error)
+            except OSError:
+                self.stats[image] = f"image not found: {path}"
+        verdict = self.stats[image]
+        if isinstance(verdict, str):
+            raise DataFormatError(source, row, fields[1], verdict)
+
+    def add(self, text: str, image: str) -> int:
+        """Intern one checked input."""
+        self.n_total += 1
+        item = EvalInput(text, image)
+        found = self.ids.get(item)
+        if found is None:
+            found = self.ids[item] = len(self.inputs)
+            self.inputs.append(item)
+        return found
 
     def key(self, item: EvalInput) -> str:
-        return input_key(item.text, item.image, self.stats.get(item.image))
+        stat = self.stats.get(item.image)
+        return input_key(item.text, item.image, stat if isinstance(stat, tuple) else None)
+
+
+def _query_inputs(query: EvalQuery, rule: FormatRule, fixes: PlaceholderFixes, dataset: str) -> list[tuple]:
+    """``(text, image, fields)`` of a query and its candidates, formatted, placeholders of text-only ones dropped."""
+    sides = [(query.qry_text, query.qry_img_path, ("qry_text", "qry_img_path"), "queries")]
+    sides += [
+        (text, image, (f"tgt_text[{j}]", f"tgt_img_path[{j}]"), "candidates")
+        for j, (text, image) in enumerate(zip(query.tgt_text, query.tgt_img_path, strict=True))
+    ]
+    return [(fixes.fix(apply_format_rule(text, rule), bool(image), dataset, side), image, fields)
+            for text, image, fields, side in sides]  # fmt: skip
 
 
 def collect_inputs(
@@ -104,39 +134,42 @@ def collect_inputs(
     placeholder: str = "<|image_1|>",
     limit: int | None = None,
     show_progress: bool = True,
+    skip_bad: bool = False,
 ) -> CollectedInputs:
-    """Read every dataset of ``benchmark``, format its texts and intern its inputs (first ``limit`` queries each)."""
+    """Read every dataset of ``benchmark``, format its texts and intern its inputs (first ``limit`` queries each).
+
+    Every row is parsed and every image path checked before anything is encoded: bad rows raise
+    :class:`DataCheckError` naming the first 20, or with ``skip_bad`` the query is left out and counted.
+    """
     interner = _Interner(image_root, placeholder)
+    fixes = PlaceholderFixes(placeholder)
+    problems = ProblemLog()
     datasets = []
     for spec in tqdm(benchmark.datasets, desc="reading", unit="dataset", disable=not show_progress):
         folder = Path(data_dir) / spec.folder
-        queries = read_mmeb_eval_dataset(folder, limit=limit)
-        if not queries:
-            raise DataFormatError(folder, None, None, f"dataset {spec.name!r} has no queries")
-        rule = spec.format_rule
-        query_ids, candidate_ids = [], []
+        queries = read_mmeb_eval_dataset(folder, limit=limit, problems=problems)
+        query_ids, candidate_ids, rows = [], [], []
         for query in queries:
-            where = (query.source, query.row)
-            qry_text = apply_format_rule(query.qry_text, rule)
-            query_ids.append(interner.add(qry_text, query.qry_img_path, *where, ("qry_text", "qry_img_path")))
-            candidates = zip(query.tgt_text, query.tgt_img_path, strict=True)
-            candidate_ids.append(
-                np.array(
-                    [
-                        interner.add(
-                            apply_format_rule(text, rule),
-                            image,
-                            *where,
-                            (f"tgt_text[{j}]", f"tgt_img_path[{j}]"),
-                        )
-                        for j, (text, image) in enumerate(candidates)
-                    ],
-                    dtype=np.int64,
-                )
-            )
-        datasets.append(DatasetInputs(spec, np.array(query_ids, dtype=np.int64), candidate_ids))
+            inputs = _query_inputs(query, spec.format_rule, fixes, spec.name)
+            try:
+                for text, image, fields in inputs:
+                    interner.check(text, image, query.source, query.row, fields)
+            except DataFormatError as error:
+                problems.add(error, spec.folder)
+                continue
+            ids = [interner.add(text, image) for text, image, _ in inputs]
+            query_ids.append(ids[0])
+            candidate_ids.append(np.array(ids[1:], dtype=np.int64))
+            rows.append((query.source, query.row))
+        if not query_ids:
+            if problems.by_dataset[spec.folder]:
+                continue  # every query was bad: reported with the problems, not scored
+            raise DataFormatError(folder, None, None, f"dataset {spec.name!r} has no queries")
+        datasets.append(DatasetInputs(spec, np.array(query_ids, dtype=np.int64), candidate_ids, rows))
+    if problems and not skip_bad:
+        raise DataCheckError(problems, str(data_dir))
     keys = [interner.key(item) for item in interner.inputs]
-    return CollectedInputs(interner.inputs, keys, datasets, interner.n_total)
+    return CollectedInputs(interner.inputs, keys, datasets, interner.n_total, fixes, problems)
 
 
 def encoding_order(inputs: Sequence[EvalInput]) -> list[int]:
@@ -261,12 +294,15 @@ def evaluate(
     limit: int | None = None,
     flush_every: int = 8,
     model_path: str | os.PathLike | None = None,
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``embedder`` on the benchmark under ``data_dir`` and write ``scores.{json,md,png}`` to ``out_dir``.
 
     Returns the scores dict (every rank gets it under ``torchrun``; only rank 0 writes the reports). ``limit``
     keeps the first queries of each dataset; ``flush_every`` is how many encoded batches go into one cache shard;
-    ``model_path`` is only recorded in the settings.
+    ``model_path`` is only recorded in the settings. Every row is checked before encoding; ``skip_bad`` leaves out
+    (and counts) queries whose row or images are bad instead of stopping. Dataset folders under ``data_dir`` that
+    the benchmark does not declare (the hub's ``CIFAR-100``) are listed as extra, not evaluated.
     """
     started = time.perf_counter()
     rank, world_size = _distributed()
@@ -279,8 +315,18 @@ def evaluate(
             f"(looked for folders {', '.join(benchmark.missing[:5])}, ...)"
         )
     collected = collect_inputs(
-        benchmark, data_dir, image_root, embedder.config.image_placeholder, limit, show_progress=progress
-    )
+        benchmark, data_dir, image_root, embedder.config.image_placeholder, limit, show_progress=progress,
+        skip_bad=skip_bad,
+    )  # fmt: skip
+    if rank == 0:
+        notes = collected.placeholder_fixes.lines()
+        if benchmark.extra:
+            notes.append(f"not part of {benchmark.name}, not evaluated: {', '.join(benchmark.extra)}")
+        if collected.problems:
+            notes.append(f"skipped {collected.problems.count:,} bad quer(ies) (--skip-bad): " + ", ".join(
+                f"{name} {count:,}" for name, count in sorted(collected.problems.by_dataset.items())))  # fmt: skip
+        for line in notes:
+            print(f"eval: {line}")
     fingerprint = model_fingerprint(embedder.model, backbone_config(embedder))
     cache = EmbeddingCache(
         Path(cache_dir) if cache_dir is not None else out_dir / "cache",
@@ -309,6 +355,7 @@ def evaluate(
         config = embedder.config
         settings = {
             "pooling": config.pooling,
+            "image_placeholder": config.image_placeholder,
             "min_pixels": config.min_pixels,
             "max_pixels": config.max_pixels,
             "dtype": str(next(embedder.model.parameters()).dtype).removeprefix("torch."),
@@ -334,7 +381,11 @@ def evaluate(
             **aggregate(per_dataset),
             "settings": settings,
             "missing": benchmark.missing,
-        }
+            "extra": benchmark.extra,
+            "placeholder_fixes": {f"{name}/{side}": count
+                                  for (name, side), count in sorted(collected.placeholder_fixes.counts.items())},
+            "skipped_queries": dict(sorted(collected.problems.by_dataset.items())),
+        }  # fmt: skip
         write_reports(scores, out_dir)
     if world_size == 1:
         return scores

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from coma.data.formats import Conversation, read_conversations
+from coma.data.formats import Conversation, DataCheckError, DataFormatError, ProblemLog, read_conversations
+from coma.data.images import image_path_problem
 from coma.data.sampling import BlockMixtureSampler
 from coma.train.config import LoraSettings, TrainSettings
 from coma.train.loop import DistInfo, StepResult
@@ -28,9 +29,11 @@ from coma.train.stage1_model import Stage1Objective
 class CompressConfig:
     model: str = field(default="", metadata={"help": "VLM folder or hub id (compression tokens are added)"})
     data: list[str] | str = field(
-        default_factory=list, metadata={"help": "conversation file(s), JSON or JSONL"}
+        default_factory=list, metadata={"help": "conversation file(s), JSON or JSONL: a.jsonl,b.jsonl"}
     )
-    data_weights: list[float] | None = field(default=None, metadata={"help": "mixing weight per data file"})
+    data_weights: list[float] | None = field(
+        default=None, metadata={"help": "mixing weight per data file: 1,0.5"}
+    )
     image_root: str | None = None
     out: str = ""
     num_tokens: int | None = field(default=None, metadata={"help": "T (default 32, or the model folder's)"})
@@ -44,7 +47,9 @@ class CompressConfig:
     max_length: int = 8192
     min_pixels: int | None = None
     max_pixels: int | None = None
-    skip_bad: bool = False
+    skip_bad: bool = field(
+        default=False, metadata={"help": "skip and count malformed rows and missing or unreadable images"}
+    )
     train: TrainSettings = field(default_factory=TrainSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
@@ -62,6 +67,30 @@ class CompressConfig:
             raise ValueError(
                 "global_batch_size must be a multiple of micro_batch_size (times the process count)"
             )
+
+
+def read_sources(
+    paths: list[str], image_root: str | None, problems: ProblemLog
+) -> dict[str, list[Conversation]]:
+    """Every conversation file by its sampler name, each row parsed and each image path resolved (bad rows go to
+    ``problems``), so a broken row stops the run before the model loads rather than hours in."""
+    sources: dict[str, list[Conversation]] = {}
+    verdicts: dict[str, str | None] = {}
+    for index, path in enumerate(paths):
+        kept = []
+        for conv in read_conversations(path, problems=problems):
+            if conv.image and conv.image not in verdicts:
+                verdicts[conv.image] = image_path_problem(conv.image, image_root)
+            if conv.image and verdicts[conv.image]:
+                problems.add(
+                    DataFormatError(conv.source, conv.row, "image", verdicts[conv.image]), Path(path).name
+                )
+                continue
+            kept.append(conv)
+        if not kept and not problems:
+            raise ValueError(f"{path}: no conversation records")
+        sources[source_name(index, path)] = kept
+    return sources
 
 
 def source_name(index: int, path: str) -> str:
@@ -88,18 +117,17 @@ class CompressTask(StageTask):
         self.total_steps = 0
         if not with_data:
             return
-        self.sources: dict[str, list[Conversation]] = {}
-        skipped = 0
-        for index, path in enumerate(config.data):
-            records, bad = read_conversations(path, skip_bad=config.skip_bad)
-            if not records:
-                raise ValueError(f"{path}: no usable conversation records")
-            self.sources[source_name(index, path)] = records
-            skipped += bad
-        if skipped and dist_info.is_main:
-            print(f"compress: skipped {skipped} malformed record(s) (--skip-bad)")
+        self.problems = ProblemLog()
+        self.sources = read_sources(config.data, config.image_root, self.problems)
+        if self.problems and not config.skip_bad:
+            raise DataCheckError(self.problems, ", ".join(config.data))
+        if self.problems and dist_info.is_main:
+            print(f"compress: skipped {self.problems.count:,} bad record(s) (--skip-bad)")
         weights = dict(zip(self.sources, config.data_weights, strict=True)) if config.data_weights else None
         # Block size 1: each example is drawn from a file chosen by weight.
+        self.sources = {name: records for name, records in self.sources.items() if records}
+        if not self.sources:
+            raise ValueError(f"{', '.join(config.data)}: no usable conversation records")
         self.sampler = BlockMixtureSampler(
             subset_sizes={name: len(records) for name, records in self.sources.items()},
             weights=weights,
@@ -112,6 +140,7 @@ class CompressTask(StageTask):
         self.collator = Stage1Collator(
             self.embedder.processor,
             self.embedder.config,
+            skip_bad=config.skip_bad,
             image_root=config.image_root,
             max_length=config.max_length,
             supervise=config.supervise,
@@ -148,4 +177,10 @@ class CompressTask(StageTask):
             reduced = torch.tensor([loss, float(dropped)], device=device)
             dist.all_reduce(reduced)
             loss, dropped = float(reduced[0]) / self.dist_info.world_size, int(reduced[1])
-        return StepResult(loss=loss, samples=len(records), tokens=tokens, extra={"dropped": dropped})
+        skipped = self.problems.count + self.collator.skipped
+        return StepResult(
+            loss=loss,
+            samples=len(records),
+            tokens=tokens,
+            extra={"dropped": dropped, "skipped_rows": skipped},
+        )

@@ -104,11 +104,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings, total_steps: int):
     from transformers import (
         get_constant_schedule_with_warmup,

@@ -26,10 +26,22 @@ class MatchConfig:
         default=None, metadata={"help": "root of the image paths (default: --data)"}
     )
     out: str = ""
-    subsets: list[str] | None = None
-    weights: dict[str, float] | None = None
-    caps: dict[str, int] | None = field(default=None, metadata={"help": "num_sample_per_subset"})
-    split: str | None = None
+    subsets: list[str] | None = field(
+        default=None, metadata={"help": "subset folders to train on: a,b,c (default: every subset of --data)"}
+    )
+    weights: dict[str, float] | None = field(
+        default=None, metadata={"help": "mixing weight per subset: a=2,b=0.5 (default 1 each)"}
+    )
+    caps: dict[str, int] | None = field(
+        default=None, metadata={"help": "num_sample_per_subset: first N rows, a=10000,b=20000"}
+    )
+    split: str | None = field(
+        default=None,
+        metadata={"help": "original | diverse_instruction | train (default: original where present)"},
+    )
+    skip_bad: bool = field(
+        default=False, metadata={"help": "skip and count rows whose image is missing or unreadable"}
+    )
     block_size: int = 64
     temperature: float = 0.03
     symmetric: bool = False
@@ -62,10 +74,15 @@ class MatchTask(StageTask):
         self.total_steps = 0
         if not with_data:
             return
+        image_root = config.image_root or config.data
         self.dataset = PairDataset.from_config(
             config.data, subsets=config.subsets, weights=config.weights, caps=config.caps, split=config.split,
-            image_placeholder=self.embedder.config.image_placeholder,
+            image_placeholder=self.embedder.config.image_placeholder, image_root=image_root,
+            skip_bad=config.skip_bad, show_progress=config.train.show_progress and dist_info.is_main,
         )  # fmt: skip
+        if dist_info.is_main:
+            for line in self.dataset.report.lines():
+                print(f"match: {line}")
         self.sampler = BlockMixtureSampler(
             subset_sizes=self.dataset.subset_sizes,
             weights=self.dataset.weights,
@@ -75,7 +92,7 @@ class MatchTask(StageTask):
             rank=dist_info.rank,
             world_size=dist_info.world_size,
         )
-        self.collator = PairCollator(self.embedder, config.image_root or config.data)
+        self.collator = PairCollator(self.embedder, image_root, skip_bad=config.skip_bad)
         self.step_fn = ContrastiveStep(
             self.module,
             ContrastiveLoss(temperature=config.temperature, symmetric=config.symmetric),
@@ -99,5 +116,8 @@ class MatchTask(StageTask):
             loss=float(result["loss"]),
             samples=int(result["n"]),
             tokens=int(result.get("tokens", 0)),
-            extra={"accuracy": float(result["accuracy"])},
+            extra={
+                "accuracy": float(result["accuracy"]),
+                "skipped_rows": self.dataset.report.problems.count + self.collator.skipped,
+            },
         )

@@ -11,7 +11,7 @@ from torch import nn
 from coma.data.sampling import BlockMixtureSampler
 from coma.embedder import Embedder
 from coma.train.config import LoraSettings, TrainSettings
-from coma.train.loop import DistInfo, enable_activation_checkpointing, resolve_dtype
+from coma.train.loop import DistInfo, resolve_dtype
 from coma.train.trainable import make_trainable, merged_backbone
 
 
@@ -35,7 +35,7 @@ def load_trainable_embedder(config: Any, dist_info: DistInfo, *, pooling: str | 
     )
     backbone = embedder.model.backbone
     if settings.gradient_checkpointing:
-        enable_activation_checkpointing(backbone)
+        embedder.adapter.enable_activation_checkpointing(backbone)
     embedder.model.backbone = make_trainable(
         backbone, embedder.adapter, embedder.model.token_ids.tolist(), lora
     )

@@ -19,6 +19,7 @@ as it is produced at generation time after ``<|im_start|>assistant\\n``.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,9 +32,11 @@ from torch import Tensor
 from coma.backbones.qwen_vl import QWEN_IMAGE_BLOCK
 from coma.compression import compression_token_ids
 from coma.config import ComaConfig
-from coma.data.formats import Conversation
+from coma.data.formats import Conversation, DataFormatError
 from coma.data.images import ImageLoadError, load_image
 from coma.embedder import apply_pixel_bounds
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -341,7 +344,8 @@ class Stage1Collator:
     answer_start, and pixel_values / image_grid_thw when any kept sample has an image) plus two ints for logging:
     ``dropped`` (samples where not even one Q/A fits ``max_length``) and ``dropped_turns`` (trailing turns cut
     from kept samples). If every sample is dropped the tensors have zero rows.
-    The image processor's pixel bounds are set from ``config.min_pixels`` / ``config.max_pixels``.
+    The image processor's pixel bounds are set from ``config.min_pixels`` / ``config.max_pixels``. With
+    ``skip_bad`` a conversation whose image cannot be read is left out and counted in ``skipped``.
     """
 
     def __init__(
@@ -353,8 +357,11 @@ class Stage1Collator:
         supervise: str = "answers",
         layout: str = "compress",
         image_block: str = QWEN_IMAGE_BLOCK,
+        skip_bad: bool = False,
     ) -> None:
         apply_pixel_bounds(processor, config)
+        self.skip_bad = skip_bad
+        self.skipped = 0
         self.builder = Stage1BatchBuilder(
             processor,
             config,
@@ -365,20 +372,29 @@ class Stage1Collator:
         )
         self.image_root = image_root
 
-    def load_images(self, conversations: Sequence[Conversation]) -> list[Image.Image | None]:
-        images = []
+    def load_images(
+        self, conversations: Sequence[Conversation]
+    ) -> tuple[list[Conversation], list[Image.Image | None]]:
+        """The conversations whose image loads (all of them, or an error, without ``skip_bad``) and their images."""
+        kept, images = [], []
         for conv in conversations:
-            if not conv.image:
-                images.append(None)
-                continue
-            try:
-                images.append(load_image(conv.image, self.image_root))
-            except ImageLoadError as error:
-                raise ImageLoadError(f"{conv.source}, row {conv.row}, field 'image': {error}") from None
-        return images
+            image = None
+            if conv.image:
+                try:
+                    image = load_image(conv.image, self.image_root)
+                except ImageLoadError as error:
+                    error = DataFormatError(conv.source, conv.row, "image", str(error))
+                    if not self.skip_bad:
+                        raise error from None
+                    self.skipped += 1
+                    logger.warning("skipping a conversation (--skip-bad): %s", error)
+                    continue
+            kept.append(conv)
+            images.append(image)
+        return kept, images
 
     def build(self, conversations: Sequence[Conversation]) -> Stage1Batch:
-        return self.builder.build(conversations, self.load_images(conversations))
+        return self.builder.build(*self.load_images(conversations))
 
     def __call__(self, conversations: Sequence[Conversation]) -> dict[str, Any]:
         batch = self.build(conversations)

@@ -12,16 +12,33 @@ than hours into it; errors name the data file, the row and the field.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from tqdm.auto import tqdm
+
 from coma.config import ComaConfig
-from coma.data.formats import DataFormatError, TrainPair, list_data_subsets, read_mmeb_train_subset
+from coma.data.formats import (
+    DataCheckError,
+    DataFormatError,
+    PlaceholderFixes,
+    ProblemLog,
+    TrainPair,
+    data_files,
+    default_split,
+    drop_orphan_placeholder,
+    list_data_subsets,
+    read_mmeb_train_subset,
+    splits_present,
+)
 from coma.data.images import DecodedImageCache, ImageLoadError, resolve_image_path
 from coma.embedder import EncodeInput
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "PairBatch",
@@ -42,10 +59,13 @@ NEGATIVE_FIELDS = ("neg_text", "neg_image_path")
 
 
 def _side(pair: TrainPair, fields: tuple[str, str], placeholder: str, required: bool) -> EncodeInput | None:
-    """The ``EncodeInput`` of one side of a row, or None for an absent optional side (hard negative)."""
+    """The ``EncodeInput`` of one side of a row, or None for an absent optional side (hard negative).
+
+    A text-only side whose text holds the placeholder loses it (see :func:`drop_orphan_placeholder`).
+    """
     text_field, image_field = fields
-    text: str = getattr(pair, text_field)
     image: str = getattr(pair, image_field)
+    text, _ = drop_orphan_placeholder(getattr(pair, text_field), bool(image), placeholder)
     if not text.strip() and not image:
         if not required:
             return None
@@ -59,10 +79,6 @@ def _side(pair: TrainPair, fields: tuple[str, str], placeholder: str, required: 
             pair.row,
             text_field,
             f"{count} image placeholders {placeholder!r}; one image per input",
-        )
-    if count and not image:
-        raise DataFormatError(
-            pair.source, pair.row, text_field, f"contains {placeholder!r} but '{image_field}' is empty"
         )
     return EncodeInput(text=text, image=image or None)
 
@@ -81,17 +97,14 @@ def pair_inputs(
     )
 
 
+def _count_fixes(pair: TrainPair, placeholder: str, fixes: PlaceholderFixes) -> None:
+    for (text_field, image_field), side in ((QUERY_FIELDS, "queries"), (TARGET_FIELDS, "targets"),
+                                            (NEGATIVE_FIELDS, "negatives")):  # fmt: skip
+        fixes.fix(getattr(pair, text_field), bool(getattr(pair, image_field)), pair.subset, side)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Dataset
-
-
-def _check_names(root: Path, what: str, names: Sequence[str], available: Sequence[str]) -> None:
-    unknown = sorted(set(names) - set(available))
-    if unknown:
-        raise ValueError(
-            f"{root}: {what} name unknown subset(s) {', '.join(unknown)}; "
-            f"available: {', '.join(available) or '(none)'}"
-        )
 
 
 def _check_caps(caps: Mapping[str, int]) -> None:
@@ -113,12 +126,67 @@ def _resolve_weights(selected: Sequence[str], weights: Mapping[str, float]) -> d
 
 
 @dataclass
+class ReadReport:
+    """What reading an MMEB-train root found besides the rows: for the log, the metrics and ``coma check``."""
+
+    splits: dict[str, str | None]
+    other_splits: dict[str, list[str]]
+    placeholder_fixes: PlaceholderFixes
+    problems: ProblemLog
+    rows_read: dict[str, int]
+    ignored_settings: list[str]
+
+    def lines(self) -> list[str]:
+        """What a user should see once: the split read, placeholder fixes, ignored settings, skipped rows."""
+        lines = []
+        defaulted = sorted({split for split in self.splits.values() if split})
+        skipped = sorted({name for names in self.other_splits.values() for name in names})
+        if defaulted and skipped:
+            lines.append(
+                f"no --split given: reading {', '.join(repr(s) for s in defaulted)} "
+                f"(also present, not read: {', '.join(skipped)})"
+            )
+        lines += self.placeholder_fixes.lines()
+        if self.ignored_settings:
+            lines.append(f"ignored for subsets not selected: {'; '.join(self.ignored_settings)}")
+        if self.problems:
+            lines.append(f"skipped {self.problems.count:,} bad row(s) (--skip-bad): " + ", ".join(
+                f"{name} {count:,}" for name, count in sorted(self.problems.by_dataset.items())))  # fmt: skip
+        return lines
+
+
+def _image_problem(pair: TrainPair, field: str, path: str, image_root: Path) -> DataFormatError | None:
+    """The problem with one image path of a row (outside the root, or no such file), if any."""
+    try:
+        resolved = resolve_image_path(path, image_root)
+    except ImageLoadError as error:
+        return DataFormatError(pair.source, pair.row, field, str(error))
+    if not resolved.is_file():
+        return DataFormatError(pair.source, pair.row, field, f"image not found: {resolved}")
+    return None
+
+
+def check_pair_images(pair: TrainPair, image_root: Path, cache: dict[str, DataFormatError | None]) -> None:
+    """Raise the first image-path problem of a row; ``cache`` holds each distinct path's verdict."""
+    for field in (QUERY_FIELDS[1], TARGET_FIELDS[1], NEGATIVE_FIELDS[1]):
+        path = getattr(pair, field)
+        if not path:
+            continue
+        if path not in cache:
+            cache[path] = _image_problem(pair, field, path, image_root)
+        problem = cache[path]
+        if problem is not None:
+            raise DataFormatError(pair.source, pair.row, field, problem.problem)
+
+
+@dataclass
 class PairDataset:
     """The selected MMEB-train subsets in memory: ``pairs[subset][index]``; ``weights`` feed the sampler."""
 
     root: Path
     pairs: dict[str, list[TrainPair]]
     weights: dict[str, float]
+    report: ReadReport | None = None
 
     @classmethod
     def from_config(
@@ -129,17 +197,22 @@ class PairDataset:
         caps: Mapping[str, int] | None = None,
         split: str | None = None,
         image_placeholder: str = ComaConfig.image_placeholder,
+        image_root: str | os.PathLike | None = None,
+        skip_bad: bool = False,
+        show_progress: bool = False,
     ) -> PairDataset:
-        """Read the subsets of an MMEB-train root (one folder per subset).
+        """Read the subsets of an MMEB-train root (one folder per subset), checking every row before training.
 
         ``subsets`` None selects every subset folder. ``weights`` (default 1.0 each) and ``caps`` (the paper's
-        ``num_sample_per_subset``: the first N rows of a subset) may name subsets that exist but are not
-        selected (a recipe lists all 20 while a run selects a few); names that do not exist are errors.
-        ``split`` picks ``{split}-*.parquet`` / ``{split}.jsonl`` files (the hub has ``original`` and
-        ``diverse_instruction``); None reads every file. ``image_placeholder`` is the one the model's coma
-        config uses (rows are checked against it).
+        ``num_sample_per_subset``: the first N rows of a subset) for subsets that are not selected are ignored (a
+        recipe lists all 20 while a user downloaded a few). ``split`` picks ``{split}-*.parquet`` /
+        ``{split}.jsonl`` files; None reads ``original`` where a folder holds several splits.
+        ``image_placeholder`` is the one the model's coma config uses. Every row is parsed and every image path
+        resolved under ``image_root`` (default: ``root``); bad rows raise :class:`DataCheckError` naming the
+        first 20, or with ``skip_bad`` are skipped and counted in ``report``.
         """
         root = Path(root)
+        image_root = Path(image_root) if image_root is not None else root
         available = list_data_subsets(root)
         if not available:
             raise DataFormatError(root, None, None, "no subset folders holding data files")
@@ -149,25 +222,52 @@ class PairDataset:
         duplicates = sorted({name for name in selected if selected.count(name) > 1})
         if duplicates:
             raise ValueError(f"{root}: subset(s) selected more than once: {', '.join(duplicates)}")
-        _check_names(root, "the selected subsets", selected, available)
-        weights = dict(weights or {})
-        caps = dict(caps or {})
-        _check_names(root, "the weights", list(weights), available)
-        _check_names(root, "num_sample_per_subset", list(caps), available)
+        unknown = sorted(set(selected) - set(available))
+        if unknown:
+            raise ValueError(
+                f"{root}: unknown subset(s) {', '.join(unknown)}; available: {', '.join(available)}"
+            )
+        ignored = [
+            f"{what} {', '.join(sorted(set(given) - set(selected)))}"
+            for what, given in (("weights", weights or {}), ("caps", caps or {}))
+            if set(given) - set(selected)
+        ]
+        weights = {name: value for name, value in (weights or {}).items() if name in selected}
+        caps = {name: value for name, value in (caps or {}).items() if name in selected}
         _check_caps(caps)
         resolved_weights = _resolve_weights(selected, weights)
 
+        report = ReadReport({}, {}, PlaceholderFixes(image_placeholder), ProblemLog(), {}, ignored)
+        image_verdicts: dict[str, DataFormatError | None] = {}
         pairs: dict[str, list[TrainPair]] = {}
-        for name in selected:
-            rows = read_mmeb_train_subset(root / name, subset=name, split=split, limit=caps.get(name))
-            if not rows:
-                raise DataFormatError(
-                    root / name, None, None, "no rows" + (f" in split '{split}'" if split else "")
-                )
+        for name in tqdm(selected, desc="reading", unit="subset", disable=not show_progress):
+            files = data_files(root / name, split)
+            chosen = split if split is not None else default_split(root / name, files)
+            report.splits[name] = None if split is not None else chosen
+            report.other_splits[name] = [s for s in splits_present(files) if chosen and s != chosen]
+            rows = read_mmeb_train_subset(root / name, subset=name, split=chosen, limit=caps.get(name),
+                                          problems=report.problems)  # fmt: skip
+            kept = []
             for pair in rows:
-                pair_inputs(pair, image_placeholder)
-            pairs[name] = rows
-        return cls(root=root, pairs=pairs, weights=resolved_weights)
+                try:
+                    pair_inputs(pair, image_placeholder)
+                    check_pair_images(pair, image_root, image_verdicts)
+                except DataFormatError as error:
+                    report.problems.add(error, name)
+                    continue
+                _count_fixes(pair, image_placeholder, report.placeholder_fixes)
+                kept.append(pair)
+            report.rows_read[name] = len(rows)
+            pairs[name] = kept
+        if report.problems and not skip_bad:
+            raise DataCheckError(report.problems, str(root))
+        for name, kept in pairs.items():
+            if not kept:
+                left = " left after skipping bad ones" if report.problems.by_dataset[name] else ""
+                raise DataFormatError(
+                    root / name, None, None, f"no rows{left}" + (f" in split '{split}'" if split else "")
+                )
+        return cls(root=root, pairs=pairs, weights=resolved_weights, report=report)
 
     @property
     def subsets(self) -> list[str]:
@@ -228,7 +328,8 @@ class PairBatch:
 class PairCollator:
     """Pairs -> query / target / hard-negative inputs -> processor batches (through ``embedder.collate``).
 
-    Image files are decoded once and kept in a byte-bounded cache (``image_cache_bytes``, 0 turns it off).
+    Image files are decoded once and kept in a byte-bounded cache (``image_cache_bytes``, 0 turns it off). With
+    ``skip_bad`` a row whose image cannot be read is left out of its batch and counted in ``skipped``.
     """
 
     def __init__(
@@ -236,9 +337,12 @@ class PairCollator:
         embedder: EmbedderLike,
         image_root: str | os.PathLike | None,
         image_cache_bytes: int = 512 * 2**20,
+        skip_bad: bool = False,
     ) -> None:
         self.embedder = embedder
         self.image_root = image_root
+        self.skip_bad = skip_bad
+        self.skipped = 0
         self.placeholder = embedder.config.image_placeholder
         self.images = DecodedImageCache(image_cache_bytes) if image_cache_bytes > 0 else None
         # Resolving a path walks the file system (~0.2 ms) and each row's paths are resolved twice per step; the
@@ -252,10 +356,23 @@ class PairCollator:
         queries, targets, negatives = [], [], []
         for pair in pairs:
             query, target, negative = pair_inputs(pair, self.placeholder)
-            queries.append(self._checked(pair, QUERY_FIELDS[1], query))
-            targets.append(self._checked(pair, TARGET_FIELDS[1], target))
-            if negative is not None:
-                negatives.append(self._checked(pair, NEGATIVE_FIELDS[1], negative))
+            try:
+                sides = [self._checked(pair, field, item) for field, item in (
+                    (QUERY_FIELDS[1], query), (TARGET_FIELDS[1], target), (NEGATIVE_FIELDS[1], negative))]  # fmt: skip
+            except DataFormatError as error:
+                if not self.skip_bad:
+                    raise
+                self.skipped += 1
+                logger.warning("skipping a row (--skip-bad): %s", error)
+                continue
+            queries.append(sides[0])
+            targets.append(sides[1])
+            if sides[2] is not None:
+                negatives.append(sides[2])
+        if not queries:
+            raise DataFormatError(
+                pairs[0].source, pairs[0].row, None, "every row of this batch has a bad image"
+            )
         return PairInputs(queries, targets, negatives)
 
     def collate(self, items: Sequence[EncodeInput]) -> dict:
@@ -277,8 +394,8 @@ class PairCollator:
             negative=self.collate(groups.negatives) if groups.negatives else None,
         )
 
-    def _checked(self, pair: TrainPair, image_field: str, item: EncodeInput) -> EncodeInput:
-        if item.image is None:
+    def _checked(self, pair: TrainPair, image_field: str, item: EncodeInput | None) -> EncodeInput | None:
+        if item is None or item.image is None:
             return item
         try:
             path = self._resolve(item.image)
