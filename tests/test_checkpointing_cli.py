@@ -1,4 +1,4 @@
-"""``--train.gradient-checkpointing true`` through the CLI: it runs, it really recomputes, and it changes no loss.
+"""``--train.gradient-checkpointing true`` through the CLI: it runs, it really recomputes, it changes no loss.
 
 Every paper recipe turns checkpointing on, and the call that enables it differs between transformers releases
 (DESIGN §4), so each stage is run with it on and off, in fp32, on both tiny families.
@@ -42,9 +42,9 @@ def mmeb_train(tmp_path_factory):
     for index, name in enumerate(["red", "green", "blue", "yellow"] * 3):
         path = f"images/{index}.png"
         random_image(index, (56, 56)).save(root / path)
-        rows.append({"qry": f"Find an image that matches the given caption: a {name} picture", "qry_image_path": "",
-                     "pos_text": "<|image_1|>\nRepresent the given image.", "pos_image_path": path,
-                     "neg_text": "", "neg_image_path": ""})  # fmt: skip
+        rows.append({"qry": f"Find an image that matches the given caption: a {name} picture",
+                     "qry_image_path": "", "pos_text": "<|image_1|>\nRepresent the given image.",
+                     "pos_image_path": path, "neg_text": "", "neg_image_path": ""})  # fmt: skip
     write_jsonl(root / "ColourT2I" / "train.jsonl", rows)
     return root
 
@@ -88,14 +88,16 @@ def assert_checkpointing_is_exact(args: list[str], tmp_path: Path) -> None:
     "mask", [["bottleneck"], ["none"], ["split_layer", "--split-layer", "1"]], ids=lambda m: m[0]
 )
 def test_compress_with_checkpointing(tiny_model_dirs, world, tmp_path, family, mask):
-    args = ["compress", "--model", str(tiny_model_dirs[family]), "--data", str(world / "stage1" / "conversations.jsonl"),
-            "--image-root", str(world / "images"), "--max-length", "256",
-            "--train.micro-batch-size", "4", "--mask-mode", *mask, *COMMON]  # fmt: skip
+    args = ["compress", "--model", str(tiny_model_dirs[family]),
+            "--data", str(world / "stage1" / "conversations.jsonl"), "--image-root", str(world / "images"),
+            "--max-length", "256", "--train.micro-batch-size", "4", "--mask-mode", *mask,
+            *COMMON]  # fmt: skip
     assert_checkpointing_is_exact(args, tmp_path)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_match_with_checkpointing_and_grad_cache(tiny_model_dirs, mmeb_train, tmp_path, family):
     args = ["match", "--model", str(tiny_model_dirs[family]), "--data", str(mmeb_train), "--block-size", "4",
-            "--grad-cache", "true", "--query-chunk-size", "4", "--target-chunk-size", "4", *COMMON]  # fmt: skip
+            "--grad-cache", "true", "--query-chunk-size", "4", "--target-chunk-size", "4",
+            *COMMON]  # fmt: skip
     assert_checkpointing_is_exact(args, tmp_path)

@@ -53,3 +53,20 @@ def test_bad_input_lines_name_file_and_line(tiny_model_dir, tmp_path, capsys, li
     assert code == 1
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "o.npy").exists()
+
+
+def test_encode_an_image_folder_skips_macos_junk_and_fixes_placeholders(tiny_model_dir, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    random_image(1).save(folder / "b.jpg")
+    random_image(2).save(folder / "sub" / "a photo.png")
+    (folder / "._b.jpg").write_bytes(b"\x00\x05\x16\x07Mac OS X")  # AppleDouble metadata, not an image
+    out = tmp_path / "out.npy"
+    assert main(["encode", "--model", str(tiny_model_dir), "--input", str(folder), "--out", str(out),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert np.load(out).shape[0] == 2
+    assert (tmp_path / "out.npy.paths.txt").read_text() == "b.jpg\nsub/a photo.png\n"
+    (tmp_path / "in.jsonl").write_text('{"text": "<|image_1|>\\nFind a news image."}\n')
+    assert main(["encode", "--model", str(tiny_model_dir), "--input", str(tmp_path / "in.jsonl"),
+                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    assert "in.jsonl: 1 text-only inputs carried <|image_1|>; removed" in capsys.readouterr().out

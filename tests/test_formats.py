@@ -13,10 +13,10 @@ from coma.data.formats import (
     Conversation,
     DataFormatError,
     EvalQuery,
+    ProblemLog,
     TrainPair,
     data_files,
     list_data_subsets,
-    ProblemLog,
     read_conversations,
     read_mmeb_eval_dataset,
     read_mmeb_train_subset,
@@ -201,9 +201,13 @@ def test_train_parquet_hub_layout(tmp_path: Path) -> None:
     assert [p.qry for p in read_mmeb_train_subset(folder, limit=2)] == [p.qry for p in pairs[:2]]
     assert read_mmeb_train_subset(folder, split="diverse_instruction")[0].qry.startswith("Classify")
     _write_parquet(folder / "train-00000-of-00001.parquet", [_train_row(9)], TRAIN_SCHEMA)
-    assert len(read_mmeb_train_subset(folder)) == 3 and len(read_mmeb_train_subset(folder, split="train")) == 1
+    assert (
+        len(read_mmeb_train_subset(folder)) == 3 and len(read_mmeb_train_subset(folder, split="train")) == 1
+    )
     (folder / "original-00000-of-00001.parquet").unlink()
-    with pytest.raises(DataFormatError, match="several splits \\(diverse_instruction, train\\) and no 'original'"):
+    with pytest.raises(
+        DataFormatError, match="several splits \\(diverse_instruction, train\\) and no 'original'"
+    ):
         read_mmeb_train_subset(folder)
     assert read_mmeb_train_subset(folder, limit=0) == []
     with pytest.raises(ValueError, match="limit"):

@@ -82,3 +82,19 @@ def test_decoded_image_cache_reuses_evicts_by_bytes_and_sees_rewrites(tmp_path):
     corrupt.write_bytes(b"not a png")
     with pytest.raises(ImageLoadError, match="corrupt.png"):
         cache.get(corrupt)
+
+
+def test_symlinked_roots_and_folders_inside_them_are_followed(tmp_path):
+    # Clusters mount shared storage and link it in: judged on the path as written, `..` still refused.
+    storage = tmp_path / "storage"
+    (storage / "Train").mkdir(parents=True)
+    random_image(0).save(storage / "Train" / "x.png")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "images").symlink_to(storage)
+    assert load_image("images/Train/x.png", root=root).size == (112, 112)
+    linked_root = tmp_path / "linked-root"
+    linked_root.symlink_to(root)
+    assert resolve_image_path("images/Train/x.png", linked_root) == linked_root / "images" / "Train" / "x.png"
+    with pytest.raises(ImageLoadError, match="outside the image root"):
+        resolve_image_path("images/../../storage/Train/x.png", root)

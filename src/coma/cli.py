@@ -11,7 +11,10 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "init-model": ("init_model", "build a tiny random VLM and save it (offline)"),
+    "init-model": (
+        "init_model",
+        "build a random VLM (tiny, or a real checkpoint's shape at reduced depth) and save it",
+    ),
     "encode": ("encode", "encode a JSONL file of {text, image} inputs to a .npy matrix"),
     "compress": ("compress", "stage 1: compression pre-training"),
     "merge": ("merge", "merge a LoRA/DoRA adapter and the compression rows into a plain model folder"),

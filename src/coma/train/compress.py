@@ -106,6 +106,12 @@ class CompressTask(StageTask):
     def __init__(self, config: CompressConfig, dist_info: DistInfo, with_data: bool = True) -> None:
         self.config = config
         self.dist_info = dist_info
+        if with_data:
+            # Read and checked before the model loads, so a bad row fails in seconds.
+            self.problems = ProblemLog()
+            self.sources = read_sources(config.data, config.image_root, self.problems)
+            if self.problems and not config.skip_bad:
+                raise DataCheckError(self.problems, ", ".join(config.data))
         self.embedder = load_trainable_embedder(config, dist_info)
         self.module: nn.Module = Stage1Objective(
             self.embedder.model.backbone,
@@ -117,10 +123,6 @@ class CompressTask(StageTask):
         self.total_steps = 0
         if not with_data:
             return
-        self.problems = ProblemLog()
-        self.sources = read_sources(config.data, config.image_root, self.problems)
-        if self.problems and not config.skip_bad:
-            raise DataCheckError(self.problems, ", ".join(config.data))
         if self.problems and dist_info.is_main:
             print(f"compress: skipped {self.problems.count:,} bad record(s) (--skip-bad)")
         weights = dict(zip(self.sources, config.data_weights, strict=True)) if config.data_weights else None

@@ -6,9 +6,11 @@ import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch import nn
 
+from coma.config import ComaConfig
 from coma.data.sampling import BlockMixtureSampler
 from coma.losses import ContrastiveLoss
 from coma.train.config import LoraSettings, TrainSettings
@@ -69,20 +71,23 @@ class MatchTask(StageTask):
 
     def __init__(self, config: MatchConfig, dist_info: DistInfo, with_data: bool = True) -> None:
         self.config = config
+        self.total_steps = 0
+        image_root = config.image_root or config.data
+        if with_data:
+            # The data is read and checked before the model loads: a bad row fails in seconds, not after 7B weights.
+            saved = ComaConfig.load(config.model) if Path(config.model).is_dir() else None
+            self.dataset = PairDataset.from_config(
+                config.data, subsets=config.subsets, weights=config.weights, caps=config.caps, split=config.split,
+                image_placeholder=(saved or ComaConfig()).image_placeholder, image_root=image_root,
+                skip_bad=config.skip_bad, show_progress=config.train.show_progress and dist_info.is_main,
+            )  # fmt: skip
+            if dist_info.is_main:
+                for line in self.dataset.report.lines():
+                    print(f"match: {line}")
         self.embedder = load_trainable_embedder(config, dist_info, pooling=config.pooling)
         self.module: nn.Module = self.embedder.model
-        self.total_steps = 0
         if not with_data:
             return
-        image_root = config.image_root or config.data
-        self.dataset = PairDataset.from_config(
-            config.data, subsets=config.subsets, weights=config.weights, caps=config.caps, split=config.split,
-            image_placeholder=self.embedder.config.image_placeholder, image_root=image_root,
-            skip_bad=config.skip_bad, show_progress=config.train.show_progress and dist_info.is_main,
-        )  # fmt: skip
-        if dist_info.is_main:
-            for line in self.dataset.report.lines():
-                print(f"match: {line}")
         self.sampler = BlockMixtureSampler(
             subset_sizes=self.dataset.subset_sizes,
             weights=self.dataset.weights,

@@ -245,8 +245,10 @@ class PairDataset:
             chosen = split if split is not None else default_split(root / name, files)
             report.splits[name] = None if split is not None else chosen
             report.other_splits[name] = [s for s in splits_present(files) if chosen and s != chosen]
+            malformed_before = report.problems.by_dataset[name]
             rows = read_mmeb_train_subset(root / name, subset=name, split=chosen, limit=caps.get(name),
                                           problems=report.problems)  # fmt: skip
+            malformed = report.problems.by_dataset[name] - malformed_before
             kept = []
             for pair in rows:
                 try:
@@ -257,7 +259,7 @@ class PairDataset:
                     continue
                 _count_fixes(pair, image_placeholder, report.placeholder_fixes)
                 kept.append(pair)
-            report.rows_read[name] = len(rows)
+            report.rows_read[name] = len(rows) + malformed
             pairs[name] = kept
         if report.problems and not skip_bad:
             raise DataCheckError(report.problems, str(root))
@@ -342,7 +344,7 @@ class PairCollator:
         self.embedder = embedder
         self.image_root = image_root
         self.skip_bad = skip_bad
-        self.skipped = 0
+        self._skipped: set[tuple[str, int]] = set()
         self.placeholder = embedder.config.image_placeholder
         self.images = DecodedImageCache(image_cache_bytes) if image_cache_bytes > 0 else None
         # Resolving a path walks the file system (~0.2 ms) and each row's paths are resolved twice per step; the
@@ -362,8 +364,9 @@ class PairCollator:
             except DataFormatError as error:
                 if not self.skip_bad:
                     raise
-                self.skipped += 1
-                logger.warning("skipping a row (--skip-bad): %s", error)
+                if (pair.source, pair.row) not in self._skipped:
+                    self._skipped.add((pair.source, pair.row))
+                    logger.warning("skipping a row (--skip-bad): %s", error)
                 continue
             queries.append(sides[0])
             targets.append(sides[1])
@@ -374,6 +377,11 @@ class PairCollator:
                 pairs[0].source, pairs[0].row, None, "every row of this batch has a bad image"
             )
         return PairInputs(queries, targets, negatives)
+
+    @property
+    def skipped(self) -> int:
+        """Distinct rows left out so far for a bad image (a row drawn again is skipped again, counted once)."""
+        return len(self._skipped)
 
     def collate(self, items: Sequence[EncodeInput]) -> dict:
         """Processor batch of some inputs: the ``collate`` that ``ContrastiveStep`` calls per chunk."""
