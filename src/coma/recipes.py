@@ -71,14 +71,22 @@ def _convert(text: str, convert: Callable[[str], Any], what: str) -> Any:
         raise argparse.ArgumentTypeError(f"bad {what} {text!r} ({error})") from None
 
 
+def _yaml_flow(text: str, kind: type) -> Any:
+    """A flag value written in YAML flow style (``[a, b]``, ``{k: v}``), which must parse to ``kind``."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise argparse.ArgumentTypeError(f"not valid YAML: {text!r} ({error})") from None
+    if not isinstance(value, kind):
+        raise argparse.ArgumentTypeError(f"expected a {'list' if kind is list else 'mapping'}, got {text!r}")
+    return value
+
+
 def parse_list(text: str, item_type: Callable[[str], Any] = str) -> list[Any]:
     """``a,b,c`` (blanks around commas ignored) or a YAML list ``[a, b, c]``."""
     stripped = text.strip()
     if stripped.startswith("["):
-        value = yaml.safe_load(stripped)
-        if not isinstance(value, list):
-            raise argparse.ArgumentTypeError(f"expected a list, got {text!r}")
-        return value
+        return _yaml_flow(stripped, list)
     return [_convert(item.strip(), item_type, "list item") for item in stripped.split(",") if item.strip()]
 
 
@@ -86,10 +94,7 @@ def parse_dict(text: str, value_type: Callable[[str], Any] = str) -> dict[str, A
     """``k=v,k2=v2`` or a YAML mapping ``{k: v, k2: v2}``."""
     stripped = text.strip()
     if stripped.startswith("{"):
-        value = yaml.safe_load(stripped)
-        if not isinstance(value, dict):
-            raise argparse.ArgumentTypeError(f"expected a mapping, got {text!r}")
-        return value
+        return _yaml_flow(stripped, dict)
     result = {}
     for item in (part.strip() for part in stripped.split(",")):
         if not item:

@@ -83,12 +83,20 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
+    from coma.config import ComaConfig
     from coma.embedder import Embedder
     from coma.eval.report import markdown_report
-    from coma.eval.runner import evaluate
+    from coma.eval.runner import evaluate, prepare_benchmark
 
     device, joined = _init_distributed(args.device)
+    image_root = args.image_root if args.image_root is not None else args.data
+    datasets = [name.strip() for name in args.datasets.split(",") if name.strip()] if args.datasets else None
     try:
+        # Every row is read and checked before the model loads: a bad row fails in seconds.
+        saved = ComaConfig.load(args.model) if os.path.isdir(args.model) else None
+        prepared = prepare_benchmark(args.data, image_root, datasets, (saved or ComaConfig()).image_placeholder,
+                                     limit=args.limit, skip_bad=args.skip_bad,
+                                     show_progress=not args.no_progress)  # fmt: skip
         embedder = Embedder.from_pretrained(
             args.model,
             pooling=args.pooling,
@@ -98,17 +106,16 @@ def run(args: argparse.Namespace) -> int:
         scores = evaluate(
             embedder,
             args.data,
-            args.image_root if args.image_root is not None else args.data,
+            image_root,
             args.out,
-            datasets=[name.strip() for name in args.datasets.split(",") if name.strip()]
-            if args.datasets
-            else None,
+            datasets=datasets,
             batch_size=args.batch_size,
             cache_dir=args.cache_dir,
             show_progress=not args.no_progress,
             limit=args.limit,
             model_path=args.model,
             skip_bad=args.skip_bad,
+            prepared=prepared,
         )
     finally:
         if joined:

@@ -270,6 +270,39 @@ def backbone_config(embedder: Embedder) -> dict[str, Any]:
     }
 
 
+def prepare_benchmark(
+    data_dir: str | os.PathLike,
+    image_root: str | os.PathLike | None,
+    datasets: Sequence[str] | None = None,
+    placeholder: str = "<|image_1|>",
+    *,
+    limit: int | None = None,
+    skip_bad: bool = False,
+    show_progress: bool = True,
+) -> tuple[Benchmark, CollectedInputs]:
+    """Find the benchmark's datasets, read and check every row (:func:`collect_inputs`) and say what was fixed,
+    skipped or left out; needs no model."""
+    benchmark = select(load_benchmark(data_dir), list(datasets) if datasets is not None else None)
+    if not benchmark.datasets:
+        raise FileNotFoundError(
+            f"{data_dir}: none of the {len(benchmark.missing)} datasets of benchmark {benchmark.name!r} is present "
+            f"(looked for folders {', '.join(benchmark.missing[:5])}, ...)"
+        )
+    main_rank = _distributed()[0] == 0
+    collected = collect_inputs(benchmark, data_dir, image_root, placeholder, limit,
+                               show_progress=show_progress and main_rank, skip_bad=skip_bad)  # fmt: skip
+    if main_rank:
+        notes = collected.placeholder_fixes.lines()
+        if benchmark.extra:
+            notes.append(f"not part of {benchmark.name}, not evaluated: {', '.join(benchmark.extra)}")
+        if collected.problems:
+            notes.append(f"skipped {collected.problems.count:,} bad quer(ies) (--skip-bad): " + ", ".join(
+                f"{name} {count:,}" for name, count in sorted(collected.problems.by_dataset.items())))  # fmt: skip
+        for line in notes:
+            print(f"eval: {line}")
+    return benchmark, collected
+
+
 def _distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -295,6 +328,7 @@ def evaluate(
     flush_every: int = 8,
     model_path: str | os.PathLike | None = None,
     skip_bad: bool = False,
+    prepared: tuple[Benchmark, CollectedInputs] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``embedder`` on the benchmark under ``data_dir`` and write ``scores.{json,md,png}`` to ``out_dir``.
 
@@ -302,31 +336,18 @@ def evaluate(
     keeps the first queries of each dataset; ``flush_every`` is how many encoded batches go into one cache shard;
     ``model_path`` is only recorded in the settings. Every row is checked before encoding; ``skip_bad`` leaves out
     (and counts) queries whose row or images are bad instead of stopping. Dataset folders under ``data_dir`` that
-    the benchmark does not declare (the hub's ``CIFAR-100``) are listed as extra, not evaluated.
+    the benchmark does not declare (the hub's ``CIFAR-100``) are listed as extra, not evaluated. ``prepared`` is
+    :func:`prepare_benchmark`'s result when the caller read the data already (``coma eval`` does, before it loads
+    the model).
     """
     started = time.perf_counter()
     rank, world_size = _distributed()
     progress = show_progress and rank == 0
     out_dir = Path(out_dir)
-    benchmark = select(load_benchmark(data_dir), list(datasets) if datasets is not None else None)
-    if not benchmark.datasets:
-        raise FileNotFoundError(
-            f"{data_dir}: none of the {len(benchmark.missing)} datasets of benchmark {benchmark.name!r} is present "
-            f"(looked for folders {', '.join(benchmark.missing[:5])}, ...)"
-        )
-    collected = collect_inputs(
-        benchmark, data_dir, image_root, embedder.config.image_placeholder, limit, show_progress=progress,
-        skip_bad=skip_bad,
-    )  # fmt: skip
-    if rank == 0:
-        notes = collected.placeholder_fixes.lines()
-        if benchmark.extra:
-            notes.append(f"not part of {benchmark.name}, not evaluated: {', '.join(benchmark.extra)}")
-        if collected.problems:
-            notes.append(f"skipped {collected.problems.count:,} bad quer(ies) (--skip-bad): " + ", ".join(
-                f"{name} {count:,}" for name, count in sorted(collected.problems.by_dataset.items())))  # fmt: skip
-        for line in notes:
-            print(f"eval: {line}")
+    if prepared is None:
+        prepared = prepare_benchmark(data_dir, image_root, datasets, embedder.config.image_placeholder, limit=limit,
+                                     skip_bad=skip_bad, show_progress=progress)  # fmt: skip
+    benchmark, collected = prepared
     fingerprint = model_fingerprint(embedder.model, backbone_config(embedder))
     cache = EmbeddingCache(
         Path(cache_dir) if cache_dir is not None else out_dir / "cache",
