@@ -62,3 +62,30 @@ def test_unknown_recipe_field_is_an_error(tmp_path):
     recipe.write_text("train: {learning_rat: 0.1}\n")
     with pytest.raises(ValueError, match="learning_rat"):
         config_from_args(MatchConfig, argparse.Namespace(), config_file=str(recipe))
+
+
+def test_list_and_dict_flags_as_users_type_them():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, MatchConfig)
+    args = parser.parse_args(["--subsets", "SUN397, MSCOCO_t2i", "--caps", "SUN397=10,MSCOCO_t2i=20",
+                              "--weights", "{SUN397: 2}", "--max-steps", "5", "--learning-rate", "1e-4",
+                              "--skip-bad", "--lora-r", "4", "--save-steps", "7"])  # fmt: skip
+    config = config_from_args(MatchConfig, args)
+    assert config.subsets == ["SUN397", "MSCOCO_t2i"]  # was read character by character
+    assert (config.caps, config.weights) == ({"SUN397": 10, "MSCOCO_t2i": 20}, {"SUN397": 2})
+    assert (config.train.max_steps, config.train.learning_rate, config.train.save_every) == (5, 1e-4, 7)
+    assert config.skip_bad is True and config.lora.r == 4
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--caps", "SUN397:10"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--caps", "SUN397=ten"])
+
+
+def test_each_field_is_listed_once_in_help():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, MatchConfig)
+    help_text = parser.format_help()
+    assert help_text.count("--train.max-steps MAX_STEPS, --max-steps MAX_STEPS") == 1
+    assert help_text.count("--max-steps") == 1  # usage names only the first spelling
+    flags = [action.option_strings for action in parser._actions if action.dest == "train.max_steps"]
+    assert flags == [["--train.max-steps", "--max-steps"]]

@@ -113,7 +113,7 @@ def _eval_groups(args: argparse.Namespace, problems: Any, fixes_out: list) -> tu
     return groups, image_root
 
 
-def _compress_groups(config: Any, problems: Any, processor_info: Any) -> tuple[dict, str | None]:
+def _compress_groups(config: Any, problems: Any) -> tuple[dict, str | None]:
     from coma.config import ComaConfig
     from coma.data.check import InputGroup
     from coma.train.compress import read_sources
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         if args.target == "match":
             groups, image_root = _match_groups(config, problems, fixes)
         else:
-            groups, image_root = _compress_groups(config, problems, None)
+            groups, image_root = _compress_groups(config, problems)
     merged = PlaceholderFixes(fixes[0].placeholder if fixes else "<|image_1|>")
     for fix in fixes:
         merged.counts.update(fix.counts)
