@@ -36,6 +36,9 @@ def _worker(rank: int, fn: Callable[..., Any], world_size: int, workdir: Path, a
     )
     try:
         result = fn(rank, world_size, *args)
+        # No rank tears its connections down while another still has a collective in flight: under load that
+        # ended a rank with "terminate called without an active exception" (SIGABRT) in gloo's I/O thread.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     torch.save(result, workdir / f"rank{rank}.pt")

@@ -278,7 +278,8 @@ class ProblemLog:
     def summary(self, what: str) -> str:
         """``N bad row(s) in WHAT (the first K):`` and one line per kept error."""
         shown = f" (the first {len(self.errors)})" if self.count > len(self.errors) else ""
-        lines = [f"{self.count:,} bad row(s) in {what}{shown}:", *(f"  {error}" for error in self.errors)]
+        ordered = sorted(self.errors, key=lambda error: (str(error.path), error.row or 0))
+        lines = [f"{self.count:,} bad row(s) in {what}{shown}:", *(f"  {error}" for error in ordered)]
         return "\n".join(lines)
 
 
