@@ -467,6 +467,35 @@ def write_mmeb_train(root: Path, subsets: Sequence[str] | None = None, rows: int
     return root
 
 
+@dataclass(frozen=True)
+class _EvalRow:
+    x: str
+    image: str
+    candidates: list[tuple[str, str]]  # (y, image)
+
+
+def _eval_rows(config: str, queries: int, candidates: int, seed: int) -> list[_EvalRow]:
+    """The content of a config's rows (texts still unformatted): what both eval layouts share."""
+    s = EVAL_SPECS[config]
+    pool = len(VOCAB[str(s.y)]) if s.closed else queries + candidates - 1
+    rows = []
+    for r in range(queries):
+        qimg = f"{config}/" + s.qry_file.format(i=r, n=s.base + r) if "image" in s.qmod else ""
+        cands = []
+        for j in range(min(candidates, pool)):
+            c = (r + j) % pool
+            y = _pick(s.y, (c + seed) % pool if s.closed else c + seed)
+            if s.cand_on_query_image:
+                cimg = qimg
+            elif "image" in s.cmod:
+                cimg = f"{config}/" + s.cand_file.format(i=c, n=s.base + c, y=y)
+            else:
+                cimg = ""
+            cands.append((y, cimg))
+        rows.append(_EvalRow(_pick(s.x, r + seed), qimg, cands))
+    return rows
+
+
 def write_mmeb_eval(
     root: Path, datasets: Sequence[str] | None = None, queries: int = 3, candidates: int = 4, seed: int = 0
 ) -> tuple[Path, Path]:
@@ -482,37 +511,75 @@ def write_mmeb_eval(
     data_dir, image_dir = Path(root) / "MMEB-eval", Path(root) / "eval_images"
     for config in EVAL_CONFIGS if datasets is None else tuple(datasets):
         s = EVAL_SPECS[config]
-        pool = len(VOCAB[str(s.y)]) if s.closed else queries + candidates - 1
-        rels, rows = [], []
-        for r in range(queries):
-            qimg = f"{config}/" + s.qry_file.format(i=r, n=s.base + r) if "image" in s.qmod else ""
-            cands = []
-            for j in range(min(candidates, pool)):
-                c = (r + j) % pool
-                y = _pick(s.y, (c + seed) % pool if s.closed else c + seed)
-                if s.cand_on_query_image:
-                    cimg = qimg
-                elif "image" in s.cmod:
-                    cimg = f"{config}/" + s.cand_file.format(i=c, n=s.base + c, y=y)
-                else:
-                    cimg = ""
-                cands.append((s.tgt.format(y=y), cimg))
-            rows.append(
-                {
-                    "qry_text": s.qry.format(x=_pick(s.x, r + seed)),
-                    "qry_img_path": qimg,
-                    "tgt_text": [t for t, _ in cands],
-                    "tgt_img_path": [p for _, p in cands],
-                }
-            )
-            rels += [qimg, *(p for _, p in cands)]
-        _write_parquet(eval_shard(data_dir, config), rows, EVAL_SCHEMA)
-        _write_images(image_dir, rels, seed)
+        rows = _eval_rows(config, queries, candidates, seed)
+        records = [
+            {
+                "qry_text": s.qry.format(x=row.x),
+                "qry_img_path": row.image,
+                "tgt_text": [s.tgt.format(y=y) for y, _ in row.candidates],
+                "tgt_img_path": [image for _, image in row.candidates],
+            }
+            for row in rows
+        ]
+        _write_parquet(eval_shard(data_dir, config), records, EVAL_SCHEMA)
+        _write_images(
+            image_dir, [p for row in rows for p in (row.image, *(i for _, i in row.candidates))], seed
+        )
     with zipfile.ZipFile(data_dir / "images.zip", "w"):
         pass
     (data_dir / "README.md").write_text(
         "---\nconfigs:\n- config_name: CIFAR-100\n---\n# MMEB-eval (replica)\n"
     )
+    return data_dir, image_dir
+
+
+def _split_template(template: str, value: str, field: str) -> tuple[str, str]:
+    """(instruction, text) of a v1 template: a trailing ``{field}`` becomes the text column; an inline one (VG's
+    quoted labels) stays inside the instruction (§3)."""
+    head, found, tail = template.partition("{" + field + "}")
+    if found and not tail.strip():
+        return head.rstrip(), value
+    if found and tail.strip() == '"' and head.endswith('"'):  # a quoted label or expression ends the text
+        return head[:-1].rstrip(), f'"{value}"'
+    return template.format(**{field: value}).rstrip("\n"), ""
+
+
+def write_mmeb_test_instruct(
+    root: Path, datasets: Sequence[str] | None = None, queries: int = 3, candidates: int = 4, seed: int = 0
+) -> tuple[Path, Path]:
+    """Write ``root/MMEB_Test_Instruct/<Config>/test-00000-of-00001.parquet`` and ``root/image-tasks/<Config>/…``.
+
+    The columns per task type are VLM2Vec v2's (§3): cls / qa / i2t ``qry_inst, qry_text, qry_img_path,
+    tgt_text``; t2i ``qry_inst, qry_text, tgt_inst, tgt_text, tgt_img_path``; i2i / VG all six. Instructions keep
+    the v1 strings (``<|image_1|>\n`` prefix where the side has an image) and their texts go in the text columns.
+    Hub file names are [unverified]; the ``test-0000k-of-0000n`` pattern of the sibling repositories is used.
+    """
+    data_dir, image_dir = Path(root) / "MMEB_Test_Instruct", Path(root) / "image-tasks"
+    for config in EVAL_V1_CONFIGS if datasets is None else tuple(datasets):
+        s = EVAL_SPECS[config]
+        kind = "cls/qa/i2t" if s.cmod == "text" else "t2i" if s.qmod == "text" else "i2i_vg"
+        records = []
+        rows = _eval_rows(config, queries, candidates, seed)
+        for row in rows:
+            qry_inst, qry_text = _split_template(s.qry, row.x, "x")
+            record: dict[str, object] = {"qry_inst": qry_inst, "qry_text": qry_text}
+            if kind != "t2i":
+                record["qry_img_path"] = row.image
+            if kind == "cls/qa/i2t":
+                record["tgt_text"] = [y for y, _ in row.candidates]
+            else:
+                split = [_split_template(s.tgt, y, "y") for y, _ in row.candidates]
+                record["tgt_inst"] = _split_template(s.tgt, "", "y")[0]
+                record["tgt_text"] = [text for _, text in split]
+                record["tgt_img_path"] = [image for _, image in row.candidates]
+            records.append(record)
+        table = pa.Table.from_pylist(records)
+        path = eval_shard(data_dir, config)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+        _write_images(
+            image_dir, [p for row in rows for p in (row.image, *(i for _, i in row.candidates)) if p], seed
+        )
     return data_dir, image_dir
 
 

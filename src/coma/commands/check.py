@@ -91,7 +91,9 @@ def _eval_groups(args: argparse.Namespace, problems: Any, fixes_out: list) -> tu
     benchmark = select(load_benchmark(args.data), wanted)
     if benchmark.extra:
         print(f"check: not part of {benchmark.name}, not evaluated: {', '.join(benchmark.extra)}")
-    collected = collect_inputs(benchmark, args.data, image_root, limit=args.limit, skip_bad=True)
+    collected = collect_inputs(
+        benchmark, args.data, image_root, limit=args.limit, skip_bad=True, format_rule=args.format_rule
+    )
     problems.merge(collected.problems)
     fixes_out.append(collected.placeholder_fixes)
     groups = {

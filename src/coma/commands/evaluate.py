@@ -9,6 +9,8 @@ import argparse
 import os
 
 DTYPES = ("float32", "bfloat16", "float16")
+# The registry's versions (coma.eval.registry.FORMAT_RULES), spelled out so `--help` needs no import of it.
+FORMAT_RULE_NAMES = ("mmeb-v1", "mmeb-v2-instruct", "vlm2vec-v2")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +35,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=DTYPES, default=None, help="default: bfloat16 on cuda, float32 on cpu"
     )
     parser.add_argument("--pooling", default=None, help="override the model's pooling")
+    parser.add_argument(
+        "--format-rule",
+        choices=FORMAT_RULE_NAMES,
+        default=None,
+        help="how instruction, image token and text are joined (default: mmeb-v1 for MMEB-eval rows, "
+        "mmeb-v2-instruct for MMEB_Test_Instruct rows; a benchmark.yaml may name its own)",
+    )
+    parser.add_argument(
+        "--min-pixels", type=int, default=None, help="image pixel bounds (default: the model's saved bounds)"
+    )
+    parser.add_argument("--max-pixels", type=int, default=None)
+    parser.add_argument(
+        "--attn-implementation", default="sdpa", help="sdpa (default), eager, flash_attention_2, ..."
+    )
     parser.add_argument(
         "--skip-bad",
         action="store_true",
@@ -96,12 +112,15 @@ def run(args: argparse.Namespace) -> int:
         saved = ComaConfig.load(args.model) if os.path.isdir(args.model) else None
         prepared = prepare_benchmark(args.data, image_root, datasets, (saved or ComaConfig()).image_placeholder,
                                      limit=args.limit, skip_bad=args.skip_bad,
-                                     show_progress=not args.no_progress)  # fmt: skip
+                                     show_progress=not args.no_progress, format_rule=args.format_rule)  # fmt: skip
         embedder = Embedder.from_pretrained(
             args.model,
             pooling=args.pooling,
+            min_pixels=args.min_pixels,
+            max_pixels=args.max_pixels,
             device=device,
             dtype=getattr(torch, args.dtype) if args.dtype else None,
+            attn_implementation=args.attn_implementation,
         )
         scores = evaluate(
             embedder,

@@ -30,6 +30,9 @@ _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
 TRAIN_REQUIRED = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 EVAL_REQUIRED = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
+# MMEB_Test_Instruct: the image columns are absent where a side has no images (cls / qa / i2t have no
+# tgt_img_path, t2i no qry_img_path), and tgt_inst only where targets have one (t2i, i2i / VG).
+INSTRUCT_REQUIRED = ("qry_inst", "qry_text", "tgt_text")
 # The hub's MMEB-train subsets hold original-*, diverse_instruction-* and a legacy train-* shard (hub-layouts §1).
 DEFAULT_SPLIT = "original"
 
@@ -72,6 +75,9 @@ class EvalQuery:
     tgt_text: tuple[str, ...]
     tgt_img_path: tuple[str, ...]
     source: str
+    # MMEB_Test_Instruct rows keep the instructions apart (None on MMEB-eval v1 rows; hub-layouts §3).
+    qry_inst: str | None = None
+    tgt_inst: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -498,24 +504,54 @@ def read_mmeb_train_subset(
 
 
 def _eval_query(path: Path, row: int, record: dict) -> EvalQuery:
+    instruct = "qry_inst" in record
+    _require(path, row, record, INSTRUCT_REQUIRED if instruct else EVAL_REQUIRED)
     tgt_text = _text_list(path, row, record, "tgt_text", null_items=False)
-    tgt_img_path = _text_list(path, row, record, "tgt_img_path", null_items=True)
     if not tgt_text:
         raise DataFormatError(
             path, row, "tgt_text", "empty candidate list (candidate 0 must be the positive)"
         )
+    if instruct and record.get("tgt_img_path") is None:
+        tgt_img_path = ("",) * len(tgt_text)
+    else:
+        tgt_img_path = _text_list(path, row, record, "tgt_img_path", null_items=True)
     if len(tgt_text) != len(tgt_img_path):
         raise DataFormatError(
             path, row, "tgt_img_path", f"has {len(tgt_img_path)} entries but tgt_text has {len(tgt_text)}"
         )
+    qry_inst = tgt_inst = None
+    if instruct:
+        qry_inst = _text(path, row, record, "qry_inst")
+        raw = record.get("tgt_inst")
+        if isinstance(raw, (list, tuple)):
+            tgt_inst = _text_list(path, row, record, "tgt_inst", null_items=True)
+            if len(tgt_inst) != len(tgt_text):
+                raise DataFormatError(
+                    path, row, "tgt_inst", f"has {len(tgt_inst)} entries but tgt_text has {len(tgt_text)}"
+                )
+        else:
+            tgt_inst = (_optional_text(path, row, record, "tgt_inst"),) * len(tgt_text)
     return EvalQuery(
         row=row,
-        qry_text=_text(path, row, record, "qry_text"),
+        qry_text=_optional_text(path, row, record, "qry_text")
+        if instruct
+        else _text(path, row, record, "qry_text"),
         qry_img_path=_optional_text(path, row, record, "qry_img_path"),
         tgt_text=tgt_text,
         tgt_img_path=tgt_img_path,
         source=str(path),
+        qry_inst=qry_inst,
+        tgt_inst=tgt_inst,
     )
+
+
+def _eval_columns(path: Path) -> Sequence[str]:
+    """The columns a parquet eval shard must have, by its layout (MMEB_Test_Instruct has ``qry_inst``); JSON rows
+    are checked one by one."""
+    if path.suffix != ".parquet":
+        return ()
+    names = _open_parquet(path).schema_arrow.names
+    return INSTRUCT_REQUIRED if "qry_inst" in names else EVAL_REQUIRED
 
 
 def read_mmeb_eval_dataset(
@@ -538,7 +574,7 @@ def read_mmeb_eval_dataset(
     dataset = Path(folder).name if Path(folder).is_dir() else Path(folder).parent.name
     seen = 0
     for file in data_files(folder, split):
-        for row, record in _records_or_problems(file, EVAL_REQUIRED, problems, dataset):
+        for row, record in _records_or_problems(file, _eval_columns(file), problems, dataset):
             seen += 1
             try:
                 queries.append(_eval_query(file, row, record))

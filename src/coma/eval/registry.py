@@ -31,12 +31,22 @@ class FormatRule:
     normalize_space_newline: bool
     strip: bool
     ensure_trailing_newline: bool
+    # Join MMEB_Test_Instruct's separate instruction and text columns as VLM2Vec v2 does (coma.eval.formatting).
+    instruct: bool = False
 
 
 MMEB_V1 = FormatRule("mmeb-v1", normalize_space_newline=False, strip=True, ensure_trailing_newline=False)
 # VLM2Vec's v2 harness rewrites " \n" to "\n" and appends "\n" to the query text "to stay consistent with v1".
 VLM2VEC_V2 = FormatRule("vlm2vec-v2", normalize_space_newline=True, strip=False, ensure_trailing_newline=True)
-FORMAT_RULES: dict[str, FormatRule] = {rule.version: rule for rule in (MMEB_V1, VLM2VEC_V2)}
+# VLM2Vec v2's image eval on MMEB_Test_Instruct: per-task joining rules (hub-layouts §3).
+MMEB_V2_INSTRUCT = FormatRule(
+    "mmeb-v2-instruct",
+    normalize_space_newline=False,
+    strip=False,
+    ensure_trailing_newline=False,
+    instruct=True,
+)
+FORMAT_RULES: dict[str, FormatRule] = {rule.version: rule for rule in (MMEB_V1, VLM2VEC_V2, MMEB_V2_INSTRUCT)}
 
 
 def format_rule(version: str) -> FormatRule:

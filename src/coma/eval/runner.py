@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,17 @@ from coma.data.formats import (
 from coma.data.images import ImageLoadError, resolve_image_path
 from coma.embedder import Embedder, EncodeInput
 from coma.eval.cache import EmbeddingCache, input_key, model_fingerprint
+from coma.eval.formatting import query_texts
 from coma.eval.metrics import aggregate, mrr, precision_at_1, recall_at_k
-from coma.eval.registry import Benchmark, DatasetSpec, FormatRule, apply_format_rule, load_benchmark, select
+from coma.eval.registry import (
+    MMEB_V2_INSTRUCT,
+    Benchmark,
+    DatasetSpec,
+    FormatRule,
+    load_benchmark,
+    select,
+)
+from coma.eval.registry import format_rule as registry_format_rule
 from coma.eval.report import write_reports
 
 RECALL_K = 5
@@ -116,15 +125,31 @@ class _Interner:
         return input_key(item.text, item.image, stat if isinstance(stat, tuple) else None)
 
 
-def _query_inputs(query: EvalQuery, rule: FormatRule, fixes: PlaceholderFixes, dataset: str) -> list[tuple]:
-    """``(text, image, fields)`` of a query and its candidates, formatted, placeholders of text-only ones dropped."""
-    sides = [(query.qry_text, query.qry_img_path, ("qry_text", "qry_img_path"), "queries")]
+def _query_inputs(
+    query: EvalQuery, spec: DatasetSpec, rule: FormatRule, fixes: PlaceholderFixes
+) -> list[tuple]:
+    """``(text, image, fields)`` of a query and its candidates, formatted by ``rule``, placeholders of text-only
+    inputs dropped."""
+    try:
+        query_text, candidate_texts = query_texts(query, spec, rule)
+    except ValueError as error:
+        raise DataFormatError(query.source, query.row, None, str(error)) from None
+    sides = [(query_text, query.qry_img_path, ("qry_text", "qry_img_path"), "queries")]
     sides += [
         (text, image, (f"tgt_text[{j}]", f"tgt_img_path[{j}]"), "candidates")
-        for j, (text, image) in enumerate(zip(query.tgt_text, query.tgt_img_path, strict=True))
+        for j, (text, image) in enumerate(zip(candidate_texts, query.tgt_img_path, strict=True))
     ]
-    return [(fixes.fix(apply_format_rule(text, rule), bool(image), dataset, side), image, fields)
-            for text, image, fields, side in sides]  # fmt: skip
+    return [
+        (fixes.fix(text, bool(image), spec.name, side), image, fields) for text, image, fields, side in sides
+    ]
+
+
+def dataset_rule(spec: DatasetSpec, instruct: bool, override: FormatRule | None = None) -> FormatRule:
+    """The rule a dataset is formatted by: ``override`` (``--format-rule``), else ``mmeb-v2-instruct`` for
+    MMEB_Test_Instruct rows and the registry's (or manifest's) rule for MMEB-eval rows."""
+    if override is not None:
+        return override
+    return MMEB_V2_INSTRUCT if instruct else spec.format_rule
 
 
 def collect_inputs(
@@ -135,12 +160,15 @@ def collect_inputs(
     limit: int | None = None,
     show_progress: bool = True,
     skip_bad: bool = False,
+    format_rule: str | None = None,
 ) -> CollectedInputs:
     """Read every dataset of ``benchmark``, format its texts and intern its inputs (first ``limit`` queries each).
 
     Every row is parsed and every image path checked before anything is encoded: bad rows raise
     :class:`DataCheckError` naming the first 20, or with ``skip_bad`` the query is left out and counted.
+    ``format_rule`` (a registry version) overrides every dataset's rule (:func:`dataset_rule`).
     """
+    override = registry_format_rule(format_rule) if format_rule is not None else None
     interner = _Interner(image_root, placeholder)
     fixes = PlaceholderFixes(placeholder)
     problems = ProblemLog()
@@ -149,8 +177,13 @@ def collect_inputs(
         folder = Path(data_dir) / spec.folder
         queries = read_mmeb_eval_dataset(folder, limit=limit, problems=problems)
         query_ids, candidate_ids, rows = [], [], []
+        rule = dataset_rule(spec, bool(queries) and queries[0].qry_inst is not None, override)
         for query in queries:
-            inputs = _query_inputs(query, spec.format_rule, fixes, spec.name)
+            try:
+                inputs = _query_inputs(query, spec, rule, fixes)
+            except DataFormatError as error:
+                problems.add(error, spec.folder)
+                continue
             try:
                 for text, image, fields in inputs:
                     interner.check(text, image, query.source, query.row, fields)
@@ -165,7 +198,8 @@ def collect_inputs(
             if problems.by_dataset[spec.folder]:
                 continue  # every query was bad: reported with the problems, not scored
             raise DataFormatError(folder, None, None, f"dataset {spec.name!r} has no queries")
-        datasets.append(DatasetInputs(spec, np.array(query_ids, dtype=np.int64), candidate_ids, rows))
+        datasets.append(DatasetInputs(replace(spec, format_rule=rule), np.array(query_ids, dtype=np.int64),
+                                      candidate_ids, rows))  # fmt: skip
     if problems and not skip_bad:
         raise DataCheckError(problems, str(data_dir))
     keys = [interner.key(item) for item in interner.inputs]
@@ -243,14 +277,20 @@ def score_dataset(embeddings: np.ndarray, dataset: DatasetInputs) -> dict[str, A
         "mrr": mrr(rows),
         "meta_task": dataset.spec.meta_task,
         "split": dataset.spec.split,
+        "format_rule": dataset.spec.format_rule.version,
         "n": len(rows),
     }
 
 
 def template_settings(embedder: Embedder) -> dict[str, Any]:
     """Everything besides the weights that changes an embedding; part of the cache key."""
+    import transformers
+
     image_processor = embedder.processor.image_processor
     return {
+        "transformers": transformers.__version__,
+        "processor": f"{type(embedder.processor).__name__}/{type(image_processor).__name__}",
+        "attn_implementation": attn_implementation(embedder),
         "coma_config": embedder.config.to_dict(),
         "dtype": str(next(embedder.model.parameters()).dtype),
         "image_block": embedder.adapter.image_block,
@@ -258,6 +298,11 @@ def template_settings(embedder: Embedder) -> dict[str, Any]:
         "vocab_size": len(embedder.processor.tokenizer),
         "token_ids": embedder.model.token_ids.tolist(),
     }
+
+
+def attn_implementation(embedder: Embedder) -> str:
+    """The attention implementation the backbone runs with (sdpa, eager, flash_attention_2, ...)."""
+    return str(getattr(embedder.model.backbone.config, "_attn_implementation", None))
 
 
 def backbone_config(embedder: Embedder) -> dict[str, Any]:
@@ -279,6 +324,7 @@ def prepare_benchmark(
     limit: int | None = None,
     skip_bad: bool = False,
     show_progress: bool = True,
+    format_rule: str | None = None,
 ) -> tuple[Benchmark, CollectedInputs]:
     """Find the benchmark's datasets, read and check every row (:func:`collect_inputs`) and say what was fixed,
     skipped or left out; needs no model."""
@@ -290,7 +336,8 @@ def prepare_benchmark(
         )
     main_rank = _distributed()[0] == 0
     collected = collect_inputs(benchmark, data_dir, image_root, placeholder, limit,
-                               show_progress=show_progress and main_rank, skip_bad=skip_bad)  # fmt: skip
+                               show_progress=show_progress and main_rank, skip_bad=skip_bad,
+                               format_rule=format_rule)  # fmt: skip
     if main_rank:
         notes = collected.placeholder_fixes.lines()
         if benchmark.extra:
@@ -329,6 +376,7 @@ def evaluate(
     model_path: str | os.PathLike | None = None,
     skip_bad: bool = False,
     prepared: tuple[Benchmark, CollectedInputs] | None = None,
+    format_rule: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``embedder`` on the benchmark under ``data_dir`` and write ``scores.{json,md,png}`` to ``out_dir``.
 
@@ -346,13 +394,16 @@ def evaluate(
     out_dir = Path(out_dir)
     if prepared is None:
         prepared = prepare_benchmark(data_dir, image_root, datasets, embedder.config.image_placeholder, limit=limit,
-                                     skip_bad=skip_bad, show_progress=progress)  # fmt: skip
+                                     skip_bad=skip_bad, show_progress=progress, format_rule=format_rule)  # fmt: skip
     benchmark, collected = prepared
     fingerprint = model_fingerprint(embedder.model, backbone_config(embedder))
     cache = EmbeddingCache(
         Path(cache_dir) if cache_dir is not None else out_dir / "cache",
         fingerprint,
-        template_settings(embedder),
+        {
+            **template_settings(embedder),
+            "format_rules": sorted({d.spec.format_rule.version for d in collected.datasets}),
+        },
         rank=rank,
         flush_every=flush_every,
     )
@@ -381,6 +432,7 @@ def evaluate(
             "max_pixels": config.max_pixels,
             "dtype": str(next(embedder.model.parameters()).dtype).removeprefix("torch."),
             "template_version": config.template_version,
+            "attn_implementation": attn_implementation(embedder),
             "format_rule": ",".join(sorted({d.spec.format_rule.version for d in collected.datasets})),
             "model_fingerprint": fingerprint,
             "model": str(model_path or embedder.model.backbone.name_or_path),
