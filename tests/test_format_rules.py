@@ -126,3 +126,25 @@ def test_instruct_layout_end_to_end_under_both_rules(tiny_model_dir, tmp_path, c
     eager = json.loads((tmp_path / "out" / "scores.json").read_text())["settings"]
     assert (eager["attn_implementation"], eager["min_pixels"], eager["max_pixels"]) == ("eager", 3136, 3136)
     assert eager["n_cached"] == 0
+
+
+def test_instruct_replica_has_vlm2vec_v2_columns_per_task_type(tmp_path):
+    import pyarrow.parquet as pq
+
+    data, _ = write_mmeb_test_instruct(tmp_path, datasets=["ImageNet-1K", "MSCOCO_i2t", "VisDial", "NIGHTS"])
+    columns = {name: set(pq.read_schema(data / name / "test-00000-of-00001.parquet").names)
+               for name in ("ImageNet-1K", "MSCOCO_i2t", "VisDial", "NIGHTS")}  # fmt: skip
+    assert (
+        columns["ImageNet-1K"]
+        == columns["MSCOCO_i2t"]
+        == {"qry_inst", "qry_text", "qry_img_path", "tgt_text"}
+    )
+    assert columns["VisDial"] == {"qry_inst", "qry_text", "tgt_inst", "tgt_text", "tgt_img_path"}
+    assert columns["NIGHTS"] == {
+        "qry_inst",
+        "qry_text",
+        "qry_img_path",
+        "tgt_inst",
+        "tgt_text",
+        "tgt_img_path",
+    }
