@@ -134,6 +134,23 @@ def test_match_stops_before_training_or_skips_bad_rows(tiny_model_dir, broken, t
     assert losses(tmp_path / "m")[-1]["skipped_rows"] == 3
 
 
+@pytest.mark.slow
+def test_two_process_match_skips_bad_rows_on_every_rank(tiny_model_dir, broken, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    command = [torchrun, "--nproc_per_node=2", "--master_port=29533", "-m", "coma.cli", "match",
+               "--model", str(tiny_model_dir), "--data", str(broken), "--out", str(tmp_path / "m"),
+               *MATCH_OVERRIDES, "--skip-bad"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Rows missing or malformed are skipped when read (every rank); the corrupt one by whichever rank drew it.
+    assert losses(tmp_path / "m")[-1]["skipped_rows"] == 3
+
+
 def test_eval_skip_bad_counts_queries(tiny_model_dir, tmp_path):
     data, images = write_mmeb_eval(tmp_path, datasets=["VOC2007", "EDIS"])
     (images / "VOC2007").joinpath(sorted(os.listdir(images / "VOC2007"))[-1]).unlink()

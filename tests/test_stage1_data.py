@@ -228,4 +228,6 @@ def test_collator_loads_images_from_root(processor, image_files):
     with pytest.raises(DataFormatError, match=r"data.jsonl:7: field 'image'.*nope.png"):
         collator([missing])
     skipping = Stage1Collator(processor, CONFIG, image_root=root, skip_bad=True)
-    assert skipping([missing, conv])["input_ids"].shape[0] == 1 and skipping.skipped == 1
+    assert skipping([missing, conv])["input_ids"].shape[0] == 1 and skipping.skipped_rows == {
+        ("data.jsonl", 7)
+    }

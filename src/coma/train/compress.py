@@ -19,7 +19,7 @@ from coma.data.formats import Conversation, DataCheckError, DataFormatError, Pro
 from coma.data.images import image_path_problem
 from coma.data.sampling import BlockMixtureSampler
 from coma.train.config import LoraSettings, TrainSettings
-from coma.train.loop import DistInfo, StepResult
+from coma.train.loop import DistInfo, StepResult, distinct_count
 from coma.train.setup import StageTask, load_trainable_embedder
 from coma.train.stage1_data import Stage1Collator
 from coma.train.stage1_model import Stage1Objective
@@ -179,7 +179,9 @@ class CompressTask(StageTask):
             reduced = torch.tensor([loss, float(dropped)], device=device)
             dist.all_reduce(reduced)
             loss, dropped = float(reduced[0]) / self.dist_info.world_size, int(reduced[1])
-        skipped = self.problems.count + self.collator.skipped
+        skipped = self.problems.count
+        if self.config.skip_bad:
+            skipped += distinct_count(self.collator.skipped_rows, self.dist_info)
         return StepResult(
             loss=loss,
             samples=len(records),

@@ -79,6 +79,16 @@ class DistInfo:
             dist.barrier()
 
 
+def distinct_count(keys: set, dist_info: DistInfo) -> int:
+    """How many distinct keys all ranks hold together (each rank skips the bad rows of its own share, and a row
+    drawn on two ranks counts once)."""
+    if not dist_info.distributed:
+        return len(keys)
+    gathered: list[set | None] = [None] * dist_info.world_size
+    dist.all_gather_object(gathered, keys)
+    return len(set().union(*gathered))
+
+
 def init_distributed(device: str | None = None) -> DistInfo:
     """Join the process group that ``torchrun`` / ``accelerate launch`` describe in the environment, if any."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -14,7 +14,7 @@ from coma.config import ComaConfig
 from coma.data.sampling import BlockMixtureSampler
 from coma.losses import ContrastiveLoss
 from coma.train.config import LoraSettings, TrainSettings
-from coma.train.loop import DistInfo, StepResult
+from coma.train.loop import DistInfo, StepResult, distinct_count
 from coma.train.setup import StageTask, load_trainable_embedder
 from coma.train.stage2_data import PairCollator, PairDataset
 from coma.train.stage2_step import ContrastiveStep
@@ -71,6 +71,7 @@ class MatchTask(StageTask):
 
     def __init__(self, config: MatchConfig, dist_info: DistInfo, with_data: bool = True) -> None:
         self.config = config
+        self.dist_info = dist_info
         self.total_steps = 0
         image_root = config.image_root or config.data
         if with_data:
@@ -117,12 +118,13 @@ class MatchTask(StageTask):
         result = self.step_fn(
             inputs.queries, inputs.targets, negatives, self.collator.collate, no_sync, model=module
         )
+        skipped = distinct_count(self.collator.skipped_rows, self.dist_info) if self.config.skip_bad else 0
         return StepResult(
             loss=float(result["loss"]),
             samples=int(result["n"]),
             tokens=int(result.get("tokens", 0)),
             extra={
                 "accuracy": float(result["accuracy"]),
-                "skipped_rows": self.dataset.report.problems.count + self.collator.skipped,
+                "skipped_rows": self.dataset.report.problems.count + skipped,
             },
         )

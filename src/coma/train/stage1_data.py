@@ -345,7 +345,7 @@ class Stage1Collator:
     ``dropped`` (samples where not even one Q/A fits ``max_length``) and ``dropped_turns`` (trailing turns cut
     from kept samples). If every sample is dropped the tensors have zero rows.
     The image processor's pixel bounds are set from ``config.min_pixels`` / ``config.max_pixels``. With
-    ``skip_bad`` a conversation whose image cannot be read is left out and counted in ``skipped``.
+    ``skip_bad`` a conversation whose image cannot be read is left out and recorded in ``skipped_rows``.
     """
 
     def __init__(
@@ -361,7 +361,7 @@ class Stage1Collator:
     ) -> None:
         apply_pixel_bounds(processor, config)
         self.skip_bad = skip_bad
-        self.skipped = 0
+        self.skipped_rows: set[tuple[str, int]] = set()
         self.builder = Stage1BatchBuilder(
             processor,
             config,
@@ -386,8 +386,9 @@ class Stage1Collator:
                     error = DataFormatError(conv.source, conv.row, "image", str(error))
                     if not self.skip_bad:
                         raise error from None
-                    self.skipped += 1
-                    logger.warning("skipping a conversation (--skip-bad): %s", error)
+                    if (conv.source, conv.row) not in self.skipped_rows:
+                        self.skipped_rows.add((conv.source, conv.row))
+                        logger.warning("skipping a conversation (--skip-bad): %s", error)
                     continue
             kept.append(conv)
             images.append(image)

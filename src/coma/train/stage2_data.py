@@ -331,7 +331,8 @@ class PairCollator:
     """Pairs -> query / target / hard-negative inputs -> processor batches (through ``embedder.collate``).
 
     Image files are decoded once and kept in a byte-bounded cache (``image_cache_bytes``, 0 turns it off). With
-    ``skip_bad`` a row whose image cannot be read is left out of its batch and counted in ``skipped``.
+    ``skip_bad`` a row whose image cannot be read is left out of its batch (every time it is drawn) and recorded in
+    ``skipped_rows``.
     """
 
     def __init__(
@@ -344,7 +345,7 @@ class PairCollator:
         self.embedder = embedder
         self.image_root = image_root
         self.skip_bad = skip_bad
-        self._skipped: set[tuple[str, int]] = set()
+        self.skipped_rows: set[tuple[str, int]] = set()
         self.placeholder = embedder.config.image_placeholder
         self.images = DecodedImageCache(image_cache_bytes) if image_cache_bytes > 0 else None
         # Resolving a path walks the file system (~0.2 ms) and each row's paths are resolved twice per step; the
@@ -364,8 +365,8 @@ class PairCollator:
             except DataFormatError as error:
                 if not self.skip_bad:
                     raise
-                if (pair.source, pair.row) not in self._skipped:
-                    self._skipped.add((pair.source, pair.row))
+                if (pair.source, pair.row) not in self.skipped_rows:
+                    self.skipped_rows.add((pair.source, pair.row))
                     logger.warning("skipping a row (--skip-bad): %s", error)
                 continue
             queries.append(sides[0])
@@ -377,11 +378,6 @@ class PairCollator:
                 pairs[0].source, pairs[0].row, None, "every row of this batch has a bad image"
             )
         return PairInputs(queries, targets, negatives)
-
-    @property
-    def skipped(self) -> int:
-        """Distinct rows left out so far for a bad image (a row drawn again is skipped again, counted once)."""
-        return len(self._skipped)
 
     def collate(self, items: Sequence[EncodeInput]) -> dict:
         """Processor batch of some inputs: the ``collate`` that ``ContrastiveStep`` calls per chunk."""
