@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "build a random VLM (tiny, or a real checkpoint's shape at reduced depth) and save it",
     ),
     "encode": ("encode", "encode a JSONL file of {text, image} inputs to a .npy matrix"),
+    "generate": ("generate", "stage-1 conversations from a teacher VLM (OpenAI-compatible server)"),
     "compress": ("compress", "stage 1: compression pre-training"),
     "merge": ("merge", "merge a LoRA/DoRA adapter and the compression rows into a plain model folder"),
     "match": ("match", "stage 2: contrastive matching"),
