@@ -48,6 +48,16 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
     assert stage0(config, world, base, tmp_path, 0) == stage0_dirs[0]
     assert (stage0_dirs[0] / "model.safetensors").stat().st_mtime_ns == stamp
 
+    # Stage 1 trained on what `coma generate` got from the scripted teacher over HTTP: the world's scripted
+    # conversations, every image, in the world's order.
+    from coma.data.formats import read_conversations
+
+    (teacher,) = [p for p in (tmp_path / "cache").glob("stage1-teacher-*.jsonl") if ".rejects" not in p.name]
+    assert not teacher.with_name(teacher.name.replace(".jsonl", ".rejects.jsonl")).read_text()
+    assert stage1_run["config"]["data"] == [str(teacher)]
+    scripted = read_conversations(world / "stage1" / "conversations.jsonl")
+    assert [(c.image, c.turns) for c in read_conversations(teacher)] == [(c.image, c.turns) for c in scripted]
+
 
 @pytest.mark.slow
 def test_full_demo_arms_learn(tmp_path):

@@ -214,7 +214,32 @@ def stage0(config: DemoConfig, world: Path, base: Path, out: Path, seed: int) ->
     return path
 
 
-def stage1(config: DemoConfig, world: Path, model: Path, out: Path, seed: int) -> dict[str, Any]:
+def teacher_data(world: Path, out: Path) -> Path:
+    """Stage-1 data as the paper makes it: ``coma generate`` asks a teacher over HTTP (here the scripted teacher on
+    loopback, answering from the world's scene graphs) for questions and multi-turn answers about each image.
+
+    One image at a time, so the records keep the world's order and a run is reproducible; cached per world (the
+    generator's own resume skips what is there).
+    """
+    from coma.data.formats import read_conversations
+    from coma.data.generate import GenerateConfig, generate
+    from coma.data.teacher_server import ScriptedTeacher
+
+    source = world / "stage1" / "conversations.jsonl"
+    script = {conv.image: list(conv.turns) for conv in read_conversations(source)}
+    path = out / "cache" / f"stage1-teacher-{_key(source.read_bytes().hex(), world.name)}.jsonl"
+    with ScriptedTeacher(script, world / "images", model="scripted-teacher") as url:
+        config = GenerateConfig(teacher_url=url, teacher_model="scripted-teacher", out=str(path), concurrency=1,
+                                max_retries=2, show_progress=False)  # fmt: skip
+        summary = generate(config, list(script), world / "images")
+    if summary["rejected_this_run"]:
+        raise RuntimeError(
+            f"the scripted teacher's data was rejected for {summary['rejected_this_run']} image(s)"
+        )
+    return path
+
+
+def stage1(config: DemoConfig, world: Path, data: Path, model: Path, out: Path, seed: int) -> dict[str, Any]:
     from coma.train.compress import CompressConfig
     from coma.train.run import run_stage
 
@@ -222,7 +247,7 @@ def stage1(config: DemoConfig, world: Path, model: Path, out: Path, seed: int) -
         config, seed, config.stage1_lr, config.stage1_batch_size, num_epochs=config.stage1_epochs
     )
     stage_config = CompressConfig(
-        model=str(model), data=[str(world / "stage1" / "conversations.jsonl")], image_root=str(world / "images"),
+        model=str(model), data=[str(data)], image_root=str(world / "images"),
         out=str(out), mask_mode=config.stage1_mask_mode, supervise="answers", max_length=512, train=settings,
         lora=TINY_MODEL_TRAINING,
     )  # fmt: skip
@@ -279,7 +304,7 @@ def summary_row(scores: dict[str, Any]) -> dict[str, float]:
 
 
 def run_seed(
-    config: DemoConfig, world: Path, out: Path, seed: int, base: Path, phases: Phases
+    config: DemoConfig, world: Path, data: Path, out: Path, seed: int, base: Path, phases: Phases
 ) -> dict[str, Any]:
     # Nothing else runs during stage 0, so it gets every worker's core.
     warm = phases.submit(f"seed {seed}: stage 0 (instruction tuning, cached)", stage0, config, world, base, out,
@@ -290,7 +315,7 @@ def run_seed(
     # (a) and stage 1 -> (b) run side by side; (c) needs both stage 1's token count and (a)'s tokens per step.
     future_a = phases.submit(f"seed {seed}: (a) matching only", stage2, config, world, warm,
                              run_dir / "match_only", seed, steps)  # fmt: skip
-    future_stage1 = phases.submit(f"seed {seed}: stage 1 (compression)", stage1, config, world, warm,
+    future_stage1 = phases.submit(f"seed {seed}: stage 1 (compression)", stage1, config, world, data, warm,
                                   run_dir / "coma_stage1", seed)  # fmt: skip
     compressed = future_stage1.result()
     future_b = phases.submit(f"seed {seed}: (b) CoMa matching", stage2, config, world, run_dir / "coma_stage1",
@@ -329,8 +354,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         bases = {seed: phases.submit(f"seed {seed}: random tiny model", ensure_base_model, config, out, seed)
                  for seed in range(config.seeds)}  # fmt: skip
         world = phases.run("synthetic world", ensure_world, config, out)
+        data = phases.run("stage-1 data (coma generate, scripted teacher)", teacher_data, world, out)
         chance = chance_scores(world, config.eval_queries)
-        per_seed = {seed: run_seed(config, world, out, seed, bases[seed].result(), phases)
+        per_seed = {seed: run_seed(config, world, data, out, seed, bases[seed].result(), phases)
                     for seed in range(config.seeds)}  # fmt: skip
     table = {arm: _mean_std([per_seed[s]["scores"][arm]["summary"] for s in per_seed]) for arm in ARMS}
     report = {"config": asdict(config), "world": world.name, "chance": chance, "table": table,

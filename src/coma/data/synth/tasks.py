@@ -61,6 +61,11 @@ CAPTION_PROMPTS: tuple[str, ...] = (
     "Give a brief description of the picture.",
 )
 LIST_PROMPTS: tuple[str, ...] = ("What objects are in the image?", "List the objects in the image.")
+# Stage 1 stands in for a teacher's question list, whose items must end in "?" (coma generate parses strictly).
+STAGE1_LIST_PROMPTS: tuple[str, ...] = (
+    "What objects are in the image?",
+    "Which objects does the image show?",
+)
 
 SEEN_QUESTION_KINDS: tuple[str, ...] = ("colour", "shape", "size", "position", "count", "at_position", "word")
 UNSEEN_QUESTION_KINDS: tuple[str, ...] = ("relation", "line_count", "word_position")
@@ -390,7 +395,7 @@ def question_turns(
 def stage1_turns(scene: Scene, rng: np.random.Generator, allowed: frozenset[Pair]) -> list[tuple[str, str]]:
     """3-5 distinct retrieval-oriented questions with answers; often opens with the object list."""
     n_turns = int(rng.integers(3, 6))
-    opener = [(_pick(rng, LIST_PROMPTS), object_list(scene))] if rng.random() < 0.5 else []
+    opener = [(_pick(rng, STAGE1_LIST_PROMPTS), object_list(scene))] if rng.random() < 0.5 else []
     return question_turns(scene, rng, allowed, opener, n_turns)
 
 
