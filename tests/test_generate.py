@@ -135,3 +135,18 @@ def test_compress_trains_on_the_generated_file(images, tiny_model_dir, tmp_path)
     assert main(["compress", "--model", str(tiny_model_dir), "--data", str(out), "--image-root", str(root),
                  "--out", str(tmp_path / "c"), "--num-tokens", "4", "--max-steps", "2", "--global-batch-size", "4",
                  "--micro-batch-size", "4", "--show-progress", "false"]) == 0  # fmt: skip
+
+
+def test_mmeb_train_images_are_sampled_as_the_paper_did(tmp_path):
+    from hub_replicas import write_mmeb_train
+
+    from coma.data.generate import PAPER_SUBSETS, mmeb_train_images
+
+    root = write_mmeb_train(tmp_path / "MMEB-train", subsets=["MSCOCO_i2t", "MSCOCO_t2i", "NIGHTS", "SUN397"])
+    images = mmeb_train_images(root, ["MSCOCO_i2t", "MSCOCO_t2i", "NIGHTS"], per_subset=4, seed=42)
+    assert len(images) == len(set(images)) and all(path.startswith("images/") for path in images)
+    assert all((root / path).is_file() for path in images)
+    assert len(images) == 12  # 4 per subset (NIGHTS has query, positive and negative images)
+    assert images == mmeb_train_images(root, ["MSCOCO_i2t", "MSCOCO_t2i", "NIGHTS"], per_subset=4, seed=42)
+    assert images != mmeb_train_images(root, ["MSCOCO_i2t", "MSCOCO_t2i", "NIGHTS"], per_subset=4, seed=1)
+    assert "SUN397" in PAPER_SUBSETS and "ImageNet_1K" not in PAPER_SUBSETS

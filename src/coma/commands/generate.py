@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("httpx") is None:
+        raise ValueError("coma generate needs httpx: pip install 'coma[generate]'")
     from coma.data.generate import (
         GenerateConfig,
         TeacherError,
