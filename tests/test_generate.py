@@ -61,7 +61,9 @@ def test_output_is_the_teachers_content_for_every_image(images, tmp_path, capsys
     out = tmp_path / "qa.jsonl"
     with ScriptedTeacher(script, root, model=MODEL) as url:
         assert main(generate_args(url, root, out)) == 0
-    assert records(out) == script
+        # Images above --max-pixels are scaled down and re-encoded before sending; the teacher still knows them.
+        assert main(generate_args(url, root, tmp_path / "small.jsonl", "--max-pixels", "1024")) == 0
+    assert records(out) == script and records(tmp_path / "small.jsonl") == script
     meta = json.loads((tmp_path / "qa.meta.json").read_text())
     assert meta["teacher"]["model"] == MODEL and meta["counts"]["records"] == 12
     assert meta["prompts"]["version"] and meta["last_run"]["completion_tokens"] > 0

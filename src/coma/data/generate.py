@@ -165,15 +165,20 @@ class GenerateConfig:
 
 
 def data_url(path: Path, max_pixels: int) -> str:
-    """The image as a base64 data URL, scaled down to at most ``max_pixels`` (PNG stays PNG, the rest JPEG)."""
+    """The image as a base64 data URL: the file as it is when it is a PNG or JPEG within ``max_pixels``, otherwise
+    scaled down to ``max_pixels`` and re-encoded (PNG stays PNG, the rest JPEG). Unreadable images raise."""
     image = load_image(path)
-    if image.width * image.height > max_pixels:
-        scale = (max_pixels / (image.width * image.height)) ** 0.5
-        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))))
-    buffer = io.BytesIO()
     kind = "png" if path.suffix.lower() == ".png" else "jpeg"
-    image.save(buffer, format=kind.upper(), **({"quality": 90} if kind == "jpeg" else {}))
-    return f"data:image/{kind};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+    if image.width * image.height <= max_pixels and path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        payload = path.read_bytes()
+    else:
+        if image.width * image.height > max_pixels:
+            scale = (max_pixels / (image.width * image.height)) ** 0.5
+            image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))))
+        buffer = io.BytesIO()
+        image.save(buffer, format=kind.upper(), **({"quality": 90} if kind == "jpeg" else {}))
+        payload = buffer.getvalue()
+    return f"data:image/{kind};base64,{base64.b64encode(payload).decode('ascii')}"
 
 
 def _done_ids(path: Path) -> set[str]:
