@@ -227,7 +227,8 @@ def teacher_data(world: Path, out: Path) -> Path:
 
     source = world / "stage1" / "conversations.jsonl"
     script = {conv.image: list(conv.turns) for conv in read_conversations(source)}
-    path = out / "cache" / f"stage1-teacher-{_key(source.read_bytes().hex(), world.name)}.jsonl"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    path = out / "cache" / f"stage1-teacher-{_key(digest, world.name)}.jsonl"
     with ScriptedTeacher(script, world / "images", model="scripted-teacher") as url:
         config = GenerateConfig(teacher_url=url, teacher_model="scripted-teacher", out=str(path), concurrency=1,
                                 max_retries=2, show_progress=False)  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,17 @@ def _processor(model: str, min_pixels: int | None, max_pixels: int | None) -> tu
     return processor, adapter, config.num_tokens
 
 
-def _match_groups(config: Any, problems: Any, fixes_out: list) -> tuple[dict, str]:
+@dataclass
+class Checked:
+    """What one command's reader found: inputs by subset, the image root, the bad rows, the placeholder fixes."""
+
+    groups: dict[str, Any]
+    image_root: str | None
+    problems: Any
+    fixes: Any
+
+
+def _match_groups(config: Any) -> Checked:
     from coma.data.check import InputGroup
     from coma.train.stage2_data import NEGATIVE_FIELDS, QUERY_FIELDS, TARGET_FIELDS, PairDataset, pair_inputs
 
@@ -63,10 +74,7 @@ def _match_groups(config: Any, problems: Any, fixes_out: list) -> tuple[dict, st
                                       caps=config.caps, split=config.split, image_root=image_root,
                                       skip_bad=True, show_progress=True)  # fmt: skip
     for line in dataset.report.lines():
-        if not line.startswith("skipped"):
-            print(f"check: {line}")
-    problems.merge(dataset.report.problems)
-    fixes_out.append(dataset.report.placeholder_fixes)
+        print(f"check: {line}")
     groups = {}
     for name, pairs in dataset.pairs.items():
         group = InputGroup(rows=dataset.report.rows_read[name])
@@ -76,30 +84,22 @@ def _match_groups(config: Any, problems: Any, fixes_out: list) -> tuple[dict, st
             group.inputs += [(item.text, item.image or "", pair.source, pair.row, fields[1])
                              for fields, item in sides if item is not None]  # fmt: skip
         groups[name] = group
-    for name in dataset.report.rows_read:
-        groups.setdefault(name, InputGroup(rows=dataset.report.rows_read[name]))
-    return groups, image_root
+    return Checked(groups, image_root, dataset.report.problems, dataset.report.placeholder_fixes)
 
 
-def _eval_groups(args: argparse.Namespace, problems: Any, fixes_out: list) -> tuple[dict, str]:
+def _eval_groups(args: argparse.Namespace) -> Checked:
     from coma.data.check import InputGroup
-    from coma.eval.registry import load_benchmark, select
-    from coma.eval.runner import collect_inputs
+    from coma.eval.runner import benchmark_notes, collect_inputs, find_benchmark
 
     image_root = args.image_root if args.image_root is not None else args.data
     wanted = [name.strip() for name in args.datasets.split(",") if name.strip()] if args.datasets else None
-    benchmark = select(load_benchmark(args.data), wanted)
-    if benchmark.extra:
-        print(f"check: not part of {benchmark.name}, not evaluated: {', '.join(benchmark.extra)}")
-    collected = collect_inputs(
-        benchmark, args.data, image_root, limit=args.limit, skip_bad=True, format_rule=args.format_rule
-    )
-    problems.merge(collected.problems)
-    fixes_out.append(collected.placeholder_fixes)
-    groups = {
-        spec.folder: InputGroup(rows=collected.problems.by_dataset[spec.folder])
-        for spec in benchmark.datasets
-    }
+    benchmark = find_benchmark(args.data, wanted)
+    collected = collect_inputs(benchmark, args.data, image_root, limit=args.limit, skip_bad=True,
+                               format_rule=args.format_rule)  # fmt: skip
+    for line in benchmark_notes(benchmark, collected):
+        print(f"check: {line}")
+    problems = collected.problems
+    groups = {spec.folder: InputGroup(rows=problems.by_dataset[spec.folder]) for spec in benchmark.datasets}
     for dataset in collected.datasets:
         group = groups[dataset.spec.folder]
         group.rows += len(dataset.queries)
@@ -112,58 +112,52 @@ def _eval_groups(args: argparse.Namespace, problems: Any, fixes_out: list) -> tu
             for j, candidate in enumerate(candidates):
                 item = collected.inputs[candidate]
                 group.inputs.append((item.text, item.image, source, row, f"tgt_img_path[{j}]"))
-    return groups, image_root
+    return Checked(groups, image_root, problems, collected.placeholder_fixes)
 
 
-def _compress_groups(config: Any, problems: Any) -> tuple[dict, str | None]:
+def _compress_groups(config: Any) -> Checked:
     from coma.config import ComaConfig
     from coma.data.check import InputGroup
+    from coma.data.formats import PlaceholderFixes, ProblemLog
     from coma.train.compress import read_sources
     from coma.train.stage1_data import ANSWER_CLOSE, QUESTION_CLOSE, TEXT_COMPRESS_PROMPT, USER_OPEN
 
+    problems = ProblemLog()
     sources = read_sources(config.data, config.image_root, problems)
-    prompt = ComaConfig.compress_prompt
     groups = {}
-    for name, conversations in sources.items():
-        group = InputGroup(rows=len(conversations) + problems.by_dataset[Path(name.split(":", 1)[1]).name])
+    for path, conversations in zip(config.data, sources.values(), strict=True):
+        name = Path(path).name
+        group = InputGroup(rows=len(conversations) + problems.by_dataset[name])
         for conv in conversations:
             group.text_only_rows += not conv.image
             dialogue = "".join(f"{USER_OPEN}{q}{QUESTION_CLOSE}{a}{ANSWER_CLOSE}" for q, a in conv.turns)
-            head = prompt if conv.image else TEXT_COMPRESS_PROMPT
+            head = ComaConfig.compress_prompt if conv.image else TEXT_COMPRESS_PROMPT
             group.inputs.append((head + dialogue, conv.image, conv.source, conv.row, "image"))
-        groups[name.split(":", 1)[1]] = group
-    return groups, config.image_root
+        groups[name] = group
+    return Checked(groups, config.image_root, problems, PlaceholderFixes(ComaConfig.image_placeholder))
 
 
 def run(args: argparse.Namespace) -> int:
     from coma.data.check import stats_table, summarize
-    from coma.data.formats import PlaceholderFixes, ProblemLog
     from coma.recipes import config_from_args
 
-    problems = ProblemLog()
-    fixes: list[PlaceholderFixes] = []
-    extra = {"target", "images", "workers"}
     if args.target == "eval":
         if not args.data:
             raise ValueError("coma check eval needs --data")
         model, min_pixels, max_pixels = args.model, None, None
-        groups, image_root = _eval_groups(args, problems, fixes)
+        checked = _eval_groups(args)
     else:
         from coma.train.run import stage_classes
 
         config_class, _ = stage_classes(args.target)
-        flags = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in extra | {"resume"}})
+        own = {"target", "images", "workers", "resume"}
+        flags = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in own})
         config = config_from_args(config_class, flags, config_file=args.config)
         if not config.data:
             raise ValueError(f"coma check {args.target} needs --data")
         model, min_pixels, max_pixels = config.model, config.min_pixels, config.max_pixels
-        if args.target == "match":
-            groups, image_root = _match_groups(config, problems, fixes)
-        else:
-            groups, image_root = _compress_groups(config, problems)
-    merged = PlaceholderFixes(fixes[0].placeholder if fixes else "<|image_1|>")
-    for fix in fixes:
-        merged.counts.update(fix.counts)
+        checked = _match_groups(config) if args.target == "match" else _compress_groups(config)
+    problems = checked.problems
     info = _processor(model, min_pixels, max_pixels) if model else None
     visual = text = None
     extra_tokens = 0
@@ -174,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         def visual(width: int, height: int) -> int:
             return adapter.visual_tokens(processor, width, height)
 
-        placeholder = merged.placeholder
+        placeholder = checked.fixes.placeholder
         # The image block's own tokens, less the one pad token that the visual tokens replace.
         block = len(tokenizer(adapter.image_block, add_special_tokens=False)["input_ids"]) - 1
 
@@ -186,8 +180,9 @@ def run(args: argparse.Namespace) -> int:
             return [n + (block if has_image else 0) for n, (_, has_image) in zip(counts, items, strict=True)]
 
         extra_tokens = num_tokens
-    stats = summarize(groups, problems, merged, image_root, open_all=args.images, workers=args.workers,
-                      visual_tokens=visual, text_tokens=text, extra_tokens=extra_tokens)  # fmt: skip
+    stats = summarize(checked.groups, problems, checked.fixes, checked.image_root, open_all=args.images,
+                      workers=args.workers, visual_tokens=visual, text_tokens=text,
+                      extra_tokens=extra_tokens)  # fmt: skip
     print(
         stats_table(
             stats, "dataset" if args.target == "eval" else "subset" if args.target == "match" else "file"

@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from coma.eval.registry import FORMAT_RULES
+
 DTYPES = ("float32", "bfloat16", "float16")
-# The registry's versions (coma.eval.registry.FORMAT_RULES), spelled out so `--help` needs no import of it.
-FORMAT_RULE_NAMES = ("mmeb-v1", "mmeb-v2-instruct", "vlm2vec-v2")
+FORMAT_RULE_NAMES = tuple(FORMAT_RULES)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -132,7 +132,7 @@ def summarize(
 
 def stats_table(stats: dict[str, GroupStats], what: str = "subset") -> str:
     """A markdown table (aligned for the terminal) with a total row."""
-    from coma.eval.report import _table
+    from coma.eval.report import markdown_table
 
     def pair(value: tuple[float, float] | None) -> str:
         return "—" if value is None else f"{value[0]:,.0f} / {value[1]:,.0f}"
@@ -149,7 +149,7 @@ def stats_table(stats: dict[str, GroupStats], what: str = "subset") -> str:
                  f"{sum(s.placeholder_fixes for s in values):,}", "", ""])  # fmt: skip
     header = [what, "rows", "images", "bad rows", "missing img", "corrupt img", "text-only rows",
               "placeholder fixes", "visual tok mean/p95", "seq len mean/p95"]  # fmt: skip
-    return "\n".join(_table(header, rows, "lrrrrrrrrr")) + "\n"
+    return "\n".join(markdown_table(header, rows, "lrrrrrrrrr")) + "\n"
 
 
 __all__ = ["GroupStats", "InputGroup", "open_images", "stats_table", "summarize"]

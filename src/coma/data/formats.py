@@ -243,13 +243,6 @@ def _require(path: Path, row: int, record: Any, required: Sequence[str]) -> dict
     return record
 
 
-def _iter_file_records(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
-    if path.suffix == ".parquet" and required:
-        _check_parquet_columns(path, required)
-    for row, record in _iter_raw(path):
-        yield row, _require(path, row, record, required)
-
-
 class ProblemLog:
     """Bad rows collected instead of raised at the first one, so one pass names them all (``--skip-bad``, ``check``).
 
@@ -281,6 +274,11 @@ class ProblemLog:
     def __bool__(self) -> bool:
         return self.count > 0
 
+    def skip_note(self, noun: str = "row(s)") -> str:
+        """``skipped N bad row(s) (--skip-bad): A 1, B 2``: what ``--skip-bad`` left out, by dataset."""
+        counts = ", ".join(f"{name} {count:,}" for name, count in sorted(self.by_dataset.items()))
+        return f"skipped {self.count:,} bad {noun} (--skip-bad): {counts}"
+
     def summary(self, what: str) -> str:
         """``N bad row(s) in WHAT (the first K):`` and one line per kept error."""
         shown = f" (the first {len(self.errors)})" if self.count > len(self.errors) else ""
@@ -304,6 +302,13 @@ class DataCheckError(DataFormatError):
         )
 
 
+def _log_or_raise(problems: ProblemLog | None, error: DataFormatError, dataset: str) -> None:
+    """Readers collect bad rows when given a log and stop at the first one otherwise."""
+    if problems is None:
+        raise error
+    problems.add(error, dataset)
+
+
 def _records_or_problems(
     path: Path, required: Sequence[str], problems: ProblemLog | None, dataset: str
 ) -> Iterator[tuple[int, dict]]:
@@ -312,17 +317,13 @@ def _records_or_problems(
         if path.suffix == ".parquet" and required:
             _check_parquet_columns(path, required)
     except DataFormatError as error:
-        if problems is None:
-            raise
-        problems.add(error, dataset)
+        _log_or_raise(problems, error, dataset)
         return
     for row, raw in _iter_raw(path):
         try:
             yield row, _require(path, row, raw, required)
         except DataFormatError as error:
-            if problems is None:
-                raise
-            problems.add(error, dataset)
+            _log_or_raise(problems, error, dataset)
 
 
 def read_records(
@@ -334,7 +335,7 @@ def read_records(
     Use :func:`data_files` and one call per file when the caller needs to know which file a row came from.
     """
     for file in data_files(path, split):
-        yield from _iter_file_records(file, required)
+        yield from _records_or_problems(file, required, None, "")
 
 
 def list_data_subsets(root: str | os.PathLike) -> list[str]:
@@ -436,11 +437,14 @@ class PlaceholderFixes:
         return sum(n for (name, _), n in self.counts.items() if dataset is None or name == dataset)
 
     def lines(self) -> list[str]:
-        """One line per dataset and side: ``WebQA: 17,160 text-only queries carried <|image_1|>; removed``."""
-        return [
-            f"{dataset}: {count:,} text-only {side} carried {self.placeholder}; removed"
-            for (dataset, side), count in sorted(self.counts.items())
-        ]
+        """One line per dataset and side (:func:`placeholder_fix_line`)."""
+        return [placeholder_fix_line(dataset, side, count, self.placeholder)
+                for (dataset, side), count in sorted(self.counts.items())]  # fmt: skip
+
+
+def placeholder_fix_line(dataset: str, side: str, count: int, placeholder: str) -> str:
+    """``WebQA: 17,160 text-only queries carried <|image_1|>; removed``."""
+    return f"{dataset}: {count:,} text-only {side} carried {placeholder}; removed"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -491,9 +495,7 @@ def read_mmeb_train_subset(
             try:
                 pairs.append(_train_pair(subset, file, row, record))
             except DataFormatError as error:
-                if problems is None:
-                    raise
-                problems.add(error, subset)
+                _log_or_raise(problems, error, subset)
             if limit is not None and seen >= limit:
                 return pairs
     return pairs
@@ -579,9 +581,7 @@ def read_mmeb_eval_dataset(
             try:
                 queries.append(_eval_query(file, row, record))
             except DataFormatError as error:
-                if problems is None:
-                    raise
-                problems.add(error, dataset)
+                _log_or_raise(problems, error, dataset)
             if limit is not None and seen >= limit:
                 return queries
     return queries
@@ -664,7 +664,5 @@ def read_conversations(path: str | os.PathLike, *, problems: ProblemLog | None =
             try:
                 conversations.append(_conversation(file, row, record))
             except DataFormatError as error:
-                if problems is None:
-                    raise
-                problems.add(error, file.name)
+                _log_or_raise(problems, error, file.name)
     return conversations

@@ -229,7 +229,8 @@ class Generator:
         import httpx
 
         config = self.config
-        for attempt in range(config.max_retries + 1):
+        attempt = 0
+        while True:
             wait = min(30.0, config.retry_backoff * 2**attempt) * (0.5 + random.random() / 2)
             try:
                 self.counters.requests += 1
@@ -256,11 +257,12 @@ class Generator:
                 raise OutputRejected(f"{reason} after {attempt + 1} attempts")
             self.counters.retry(reason)
             await asyncio.sleep(wait)
-        raise AssertionError("unreachable")
+            attempt += 1
 
     async def _checked(self, client: Any, messages: list[dict], seed: int, parse: Any) -> Any:
         """``parse(reply)``; a malformed reply is asked again with a new seed, up to ``max_retries`` times."""
-        for attempt in range(self.config.max_retries + 1):
+        attempt = 0
+        while True:
             reply = await self._chat(client, messages, seed + attempt)
             try:
                 return parse(reply)
@@ -270,7 +272,7 @@ class Generator:
                         f"malformed teacher output after {attempt + 1} attempts: {error}"
                     ) from None
                 self.counters.retry("malformed output")
-        raise AssertionError("unreachable")
+            attempt += 1
 
     async def conversation(self, client: Any, image: str, index: int) -> dict:
         """The LLaVA-style record of one image (questions, then the answers in one multi-turn chat)."""
@@ -297,9 +299,11 @@ class Generator:
         return _record(image, turns)
 
     def todo(self) -> list[str]:
-        done = _done_ids(self.out)
-        rejected = set() if self.config.retry_rejects else _done_ids(self.rejects)
-        return [image for image in self.images if image not in done and image not in rejected]
+        """The images neither written nor (without ``retry_rejects``) rejected by an earlier run."""
+        self.done_ids = _done_ids(self.out)
+        self.rejected_ids = _done_ids(self.rejects)
+        skip = self.done_ids | (set() if self.config.retry_rejects else self.rejected_ids)
+        return [image for image in self.images if image not in skip]
 
     async def run(self) -> dict[str, Any]:
         import httpx
@@ -324,9 +328,11 @@ class Generator:
                         record = await self.conversation(client, image, index[image])
                     except OutputRejected as error:
                         _append(rejects, {"id": image, "image": image, "reason": str(error)})
+                        self.rejected_ids.add(image)
                         self.counters.rejected += 1
                     else:
                         _append(out, record)
+                        self.done_ids.add(image)
                         self.counters.done += 1
                     seconds = max(time.perf_counter() - started, 1e-9)
                     c = self.counters
@@ -363,8 +369,8 @@ class Generator:
             "teacher": {"url": self.config.teacher_url, "model": self.config.teacher_model},
             "prompts": {"version": PROMPT_VERSION, "questions": QUESTION_PROMPT, "captions": list(CAPTION_PROMPTS)},
             "settings": settings,
-            "counts": {"images": len(self.images), "todo_at_start": todo, "records": len(_done_ids(self.out)),
-                       "rejects": len(_done_ids(self.rejects))},
+            "counts": {"images": len(self.images), "todo_at_start": todo, "records": len(self.done_ids),
+                       "rejects": len(self.rejected_ids)},
             "last_run": self.summary(seconds),
             **self.config.extra,
         })  # fmt: skip

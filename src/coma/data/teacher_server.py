@@ -242,9 +242,6 @@ class _Handler(BaseHTTPRequestHandler):
         teacher = self.server.teacher
         teacher._count("requests")
         path = self.path.split("?", 1)[0].rstrip("/")
-        if path == "/health":
-            self._send(200, b"", content_type="text/plain")
-            return
         try:
             self._check_auth()
             if path == "/v1/models":
@@ -352,17 +349,11 @@ class _Handler(BaseHTTPRequestHandler):
             extra["X-Scripted-Fault"] = fault
         self._send(status, json.dumps(payload).encode(), headers=extra)
 
-    def _send(
-        self,
-        status: int,
-        body: bytes,
-        content_type: str = "application/json",
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
+    def _send(self, status: int, body: bytes, headers: Mapping[str, str] | None = None) -> None:
         self.server.teacher._count_status(status)
         try:
             self.send_response(status)
-            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
@@ -433,8 +424,13 @@ class ScriptedTeacher:
         self._thumbs = np.stack(thumbs)
         self._lock = threading.Lock()
         self._rng = random.Random(self.faults.seed)
-        self._stats: dict[str, Any] = {}
-        self._reset_stats()
+        self._stats: dict[str, Any] = {
+            "requests": 0,
+            "status": {},
+            "faults": dict.fromkeys(FAULT_KINDS, 0),
+            "kinds": {"questions": 0, "caption": 0, "answer": 0},
+            "handler_errors": 0,
+        }
         self._created = time.time()
         self._completion_id = 0
         self._stopping = threading.Event()
@@ -500,20 +496,6 @@ class ScriptedTeacher:
         caption, answer replies) and ``handler_errors``."""
         with self._lock:
             return copy.deepcopy(self._stats)
-
-    def reset_stats(self) -> None:
-        """Zero the counters (the fault RNG is not reset)."""
-        with self._lock:
-            self._reset_stats()
-
-    def _reset_stats(self) -> None:
-        self._stats = {
-            "requests": 0,
-            "status": {},
-            "faults": dict.fromkeys(FAULT_KINDS, 0),
-            "kinds": {"questions": 0, "caption": 0, "answer": 0},
-            "handler_errors": 0,
-        }
 
     def _count(self, name: str) -> None:
         with self._lock:

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from coma.data.formats import placeholder_fix_line
 from coma.io import atomic_open, atomic_write_text, write_json
 
 SUMMARY_GROUPS = ("IND", "OOD", "overall")
@@ -28,7 +29,7 @@ def delta(a: float | None, b: float | None) -> str:
     return MISSING if a is None or b is None else f"{100 * (b - a):+.1f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str]) -> list[str]:
     """A markdown table with columns padded so it also reads well in a terminal."""
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
 
@@ -98,22 +99,22 @@ def markdown_report(scores: Mapping[str, Any]) -> str:
                 ]
             )
     header = ["Meta-task", "Dataset", "Split", "N", STRICT_LABEL, TIES_LABEL, "R@5", "MRR"]
-    lines += _table(header, rows, "lllrrrrr")
+    lines += markdown_table(header, rows, "lllrrrrr")
     lines += ["", "## Means", ""]
     summary = [
         [label, str(group["n_datasets"]), percent(group["p@1"]), percent(group["p@1_ties"])]
         for label, group in summary_groups(scores)
     ]
-    lines += _table(["Group", "Datasets", STRICT_LABEL, TIES_LABEL], summary, "lrrr")
+    lines += markdown_table(["Group", "Datasets", STRICT_LABEL, TIES_LABEL], summary, "lrrr")
     if scores.get("missing"):
         lines += ["", f"Missing datasets ({len(scores['missing'])}): {', '.join(scores['missing'])}."]
     if scores.get("extra"):
         lines += ["", f"Not part of the benchmark, not evaluated: {', '.join(scores['extra'])}."]
     fixes = scores.get("placeholder_fixes") or {}
     if fixes:
+        placeholder = settings.get("image_placeholder", "<|image_1|>")
         lines += [""] + [
-            f"{key.split('/')[0]}: {count:,} text-only {key.split('/')[1]} carried {settings.get('image_placeholder', '<|image_1|>')}; removed"
-            for key, count in fixes.items()
+            placeholder_fix_line(*key.split("/", 1), count, placeholder) for key, count in fixes.items()
         ]
     if scores.get("skipped_queries"):
         skipped = ", ".join(f"{name} {count:,}" for name, count in scores["skipped_queries"].items())
@@ -213,7 +214,7 @@ def compare_table(a: Mapping[str, Any], b: Mapping[str, Any], label_a: str = "A"
     for short in ("strict", "ties"):
         header += [f"{label_a} {short}", f"{label_b} {short}", f"Δ {short}"]
     lines = [f"A = {label_a}, B = {label_b}; P@1 in %, Δ = B - A in points; 'ties' counts ties as hits.", ""]
-    lines += _table(header, rows, "lrrrrrr")
+    lines += markdown_table(header, rows, "lrrrrrr")
     return "\n".join(lines) + "\n"
 
 

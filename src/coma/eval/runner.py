@@ -85,30 +85,33 @@ class _Interner:
         self.placeholder = placeholder
         self.ids: dict[EvalInput, int] = {}
         self.inputs: list[EvalInput] = []
-        self.stats: dict[str, tuple[int, int] | str] = {}
+        self.stats: dict[str, tuple[int, int]] = {}
+        self.image_problems: dict[str, str] = {}
         self.n_total = 0
 
     def check(self, text: str, image: str, source: str, row: int, fields: tuple[str, str]) -> None:
-        """Raise ``DataFormatError`` naming the field if this input cannot be encoded."""
+        """Raise ``DataFormatError`` naming the field if this input cannot be encoded (interned ones passed)."""
+        if EvalInput(text, image) in self.ids:
+            return
         count = text.count(self.placeholder)
         if count > 1:
             raise DataFormatError(
                 source, row, fields[0], f"text holds {count} {self.placeholder!r}; one image per input"
             )
-        if not image:
+        if not image or image in self.stats:
             return
-        if image not in self.stats:
+        if image not in self.image_problems:
             try:
                 path = resolve_image_path(image, self.image_root)
                 stat = path.stat()
-                self.stats[image] = (stat.st_size, stat.st_mtime_ns)
             except ImageLoadError as error:
-                self.stats[image] = str(error)
+                self.image_problems[image] = str(error)
             except OSError:
-                self.stats[image] = f"image not found: {path}"
-        verdict = self.stats[image]
-        if isinstance(verdict, str):
-            raise DataFormatError(source, row, fields[1], verdict)
+                self.image_problems[image] = f"image not found: {path}"
+            else:
+                self.stats[image] = (stat.st_size, stat.st_mtime_ns)
+                return
+        raise DataFormatError(source, row, fields[1], self.image_problems[image])
 
     def add(self, text: str, image: str) -> int:
         """Intern one checked input."""
@@ -121,8 +124,7 @@ class _Interner:
         return found
 
     def key(self, item: EvalInput) -> str:
-        stat = self.stats.get(item.image)
-        return input_key(item.text, item.image, stat if isinstance(stat, tuple) else None)
+        return input_key(item.text, item.image, self.stats.get(item.image))
 
 
 def _query_inputs(
@@ -181,10 +183,6 @@ def collect_inputs(
         for query in queries:
             try:
                 inputs = _query_inputs(query, spec, rule, fixes)
-            except DataFormatError as error:
-                problems.add(error, spec.folder)
-                continue
-            try:
                 for text, image, fields in inputs:
                     interner.check(text, image, query.source, query.row, fields)
             except DataFormatError as error:
@@ -315,6 +313,25 @@ def backbone_config(embedder: Embedder) -> dict[str, Any]:
     }
 
 
+def find_benchmark(data_dir: str | os.PathLike, datasets: Sequence[str] | None = None) -> Benchmark:
+    """The benchmark under ``data_dir`` restricted to ``datasets``; none of its datasets present is an error."""
+    benchmark = select(load_benchmark(data_dir), list(datasets) if datasets is not None else None)
+    if not benchmark.datasets:
+        raise FileNotFoundError(
+            f"{data_dir}: none of the {len(benchmark.missing)} datasets of benchmark {benchmark.name!r} is present "
+            f"(looked for folders {', '.join(benchmark.missing[:5])}, ...)"
+        )
+    return benchmark
+
+
+def benchmark_notes(benchmark: Benchmark, collected: CollectedInputs) -> list[str]:
+    """What reading found besides the rows: placeholder fixes and folders the benchmark does not declare."""
+    notes = collected.placeholder_fixes.lines()
+    if benchmark.extra:
+        notes.append(f"not part of {benchmark.name}, not evaluated: {', '.join(benchmark.extra)}")
+    return notes
+
+
 def prepare_benchmark(
     data_dir: str | os.PathLike,
     image_root: str | os.PathLike | None,
@@ -328,23 +345,15 @@ def prepare_benchmark(
 ) -> tuple[Benchmark, CollectedInputs]:
     """Find the benchmark's datasets, read and check every row (:func:`collect_inputs`) and say what was fixed,
     skipped or left out; needs no model."""
-    benchmark = select(load_benchmark(data_dir), list(datasets) if datasets is not None else None)
-    if not benchmark.datasets:
-        raise FileNotFoundError(
-            f"{data_dir}: none of the {len(benchmark.missing)} datasets of benchmark {benchmark.name!r} is present "
-            f"(looked for folders {', '.join(benchmark.missing[:5])}, ...)"
-        )
+    benchmark = find_benchmark(data_dir, datasets)
     main_rank = _distributed()[0] == 0
     collected = collect_inputs(benchmark, data_dir, image_root, placeholder, limit,
                                show_progress=show_progress and main_rank, skip_bad=skip_bad,
                                format_rule=format_rule)  # fmt: skip
     if main_rank:
-        notes = collected.placeholder_fixes.lines()
-        if benchmark.extra:
-            notes.append(f"not part of {benchmark.name}, not evaluated: {', '.join(benchmark.extra)}")
+        notes = benchmark_notes(benchmark, collected)
         if collected.problems:
-            notes.append(f"skipped {collected.problems.count:,} bad quer(ies) (--skip-bad): " + ", ".join(
-                f"{name} {count:,}" for name, count in sorted(collected.problems.by_dataset.items())))  # fmt: skip
+            notes.append(collected.problems.skip_note("quer(ies)"))
         for line in notes:
             print(f"eval: {line}")
     return benchmark, collected
@@ -396,14 +405,12 @@ def evaluate(
         prepared = prepare_benchmark(data_dir, image_root, datasets, embedder.config.image_placeholder, limit=limit,
                                      skip_bad=skip_bad, show_progress=progress, format_rule=format_rule)  # fmt: skip
     benchmark, collected = prepared
+    rules = sorted({d.spec.format_rule.version for d in collected.datasets})
     fingerprint = model_fingerprint(embedder.model, backbone_config(embedder))
     cache = EmbeddingCache(
         Path(cache_dir) if cache_dir is not None else out_dir / "cache",
         fingerprint,
-        {
-            **template_settings(embedder),
-            "format_rules": sorted({d.spec.format_rule.version for d in collected.datasets}),
-        },
+        {**template_settings(embedder), "format_rules": rules},
         rank=rank,
         flush_every=flush_every,
     )
@@ -433,7 +440,7 @@ def evaluate(
             "dtype": str(next(embedder.model.parameters()).dtype).removeprefix("torch."),
             "template_version": config.template_version,
             "attn_implementation": attn_implementation(embedder),
-            "format_rule": ",".join(sorted({d.spec.format_rule.version for d in collected.datasets})),
+            "format_rule": ",".join(rules),
             "model_fingerprint": fingerprint,
             "model": str(model_path or embedder.model.backbone.name_or_path),
             "benchmark": benchmark.name,

@@ -83,7 +83,8 @@ class MatchTask(StageTask):
                 skip_bad=config.skip_bad, show_progress=config.train.show_progress and dist_info.is_main,
             )  # fmt: skip
             if dist_info.is_main:
-                for line in self.dataset.report.lines():
+                report = self.dataset.report
+                for line in [*report.lines(), *([report.problems.skip_note()] if report.problems else [])]:
                     print(f"match: {line}")
         self.embedder = load_trainable_embedder(config, dist_info, pooling=config.pooling)
         self.module: nn.Module = self.embedder.model

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from coma.config import ComaConfig
 from coma.data.formats import (
+    DEFAULT_SPLIT,
     DataCheckError,
     DataFormatError,
     PlaceholderFixes,
@@ -35,7 +36,7 @@ from coma.data.formats import (
     read_mmeb_train_subset,
     splits_present,
 )
-from coma.data.images import DecodedImageCache, ImageLoadError, resolve_image_path
+from coma.data.images import DecodedImageCache, ImageLoadError, image_path_problem, resolve_image_path
 from coma.embedder import EncodeInput
 
 logger = logging.getLogger(__name__)
@@ -129,54 +130,34 @@ def _resolve_weights(selected: Sequence[str], weights: Mapping[str, float]) -> d
 class ReadReport:
     """What reading an MMEB-train root found besides the rows: for the log, the metrics and ``coma check``."""
 
-    splits: dict[str, str | None]
-    other_splits: dict[str, list[str]]
+    unread_splits: set[str]  # the other splits of folders read as DEFAULT_SPLIT because no split was given
     placeholder_fixes: PlaceholderFixes
     problems: ProblemLog
     rows_read: dict[str, int]
     ignored_settings: list[str]
 
     def lines(self) -> list[str]:
-        """What a user should see once: the split read, placeholder fixes, ignored settings, skipped rows."""
+        """What a user should see once: the split read, placeholder fixes, ignored settings."""
         lines = []
-        defaulted = sorted({split for split in self.splits.values() if split})
-        skipped = sorted({name for names in self.other_splits.values() for name in names})
-        if defaulted and skipped:
-            lines.append(
-                f"no --split given: reading {', '.join(repr(s) for s in defaulted)} "
-                f"(also present, not read: {', '.join(skipped)})"
-            )
+        if self.unread_splits:
+            lines.append(f"no --split given: reading {DEFAULT_SPLIT!r} "
+                         f"(also present, not read: {', '.join(sorted(self.unread_splits))})")  # fmt: skip
         lines += self.placeholder_fixes.lines()
         if self.ignored_settings:
             lines.append(f"ignored for subsets not selected: {'; '.join(self.ignored_settings)}")
-        if self.problems:
-            lines.append(f"skipped {self.problems.count:,} bad row(s) (--skip-bad): " + ", ".join(
-                f"{name} {count:,}" for name, count in sorted(self.problems.by_dataset.items())))  # fmt: skip
         return lines
 
 
-def _image_problem(pair: TrainPair, field: str, path: str, image_root: Path) -> DataFormatError | None:
-    """The problem with one image path of a row (outside the root, or no such file), if any."""
-    try:
-        resolved = resolve_image_path(path, image_root)
-    except ImageLoadError as error:
-        return DataFormatError(pair.source, pair.row, field, str(error))
-    if not resolved.is_file():
-        return DataFormatError(pair.source, pair.row, field, f"image not found: {resolved}")
-    return None
-
-
-def check_pair_images(pair: TrainPair, image_root: Path, cache: dict[str, DataFormatError | None]) -> None:
-    """Raise the first image-path problem of a row; ``cache`` holds each distinct path's verdict."""
+def check_pair_images(pair: TrainPair, image_root: Path, verdicts: dict[str, str | None]) -> None:
+    """Raise the first image-path problem of a row; ``verdicts`` holds each distinct path's problem (or None)."""
     for field in (QUERY_FIELDS[1], TARGET_FIELDS[1], NEGATIVE_FIELDS[1]):
         path = getattr(pair, field)
         if not path:
             continue
-        if path not in cache:
-            cache[path] = _image_problem(pair, field, path, image_root)
-        problem = cache[path]
-        if problem is not None:
-            raise DataFormatError(pair.source, pair.row, field, problem.problem)
+        if path not in verdicts:
+            verdicts[path] = image_path_problem(path, image_root)
+        if verdicts[path] is not None:
+            raise DataFormatError(pair.source, pair.row, field, verdicts[path])
 
 
 @dataclass
@@ -237,14 +218,15 @@ class PairDataset:
         _check_caps(caps)
         resolved_weights = _resolve_weights(selected, weights)
 
-        report = ReadReport({}, {}, PlaceholderFixes(image_placeholder), ProblemLog(), {}, ignored)
-        image_verdicts: dict[str, DataFormatError | None] = {}
+        report = ReadReport(set(), PlaceholderFixes(image_placeholder), ProblemLog(), {}, ignored)
+        image_verdicts: dict[str, str | None] = {}
         pairs: dict[str, list[TrainPair]] = {}
         for name in tqdm(selected, desc="reading", unit="subset", disable=not show_progress):
-            files = data_files(root / name, split)
-            chosen = split if split is not None else default_split(root / name, files)
-            report.splits[name] = None if split is not None else chosen
-            report.other_splits[name] = [s for s in splits_present(files) if chosen and s != chosen]
+            chosen = split
+            if split is None:
+                files = data_files(root / name)
+                chosen = default_split(root / name, files)
+                report.unread_splits.update(s for s in splits_present(files) if chosen and s != chosen)
             malformed_before = report.problems.by_dataset[name]
             rows = read_mmeb_train_subset(root / name, subset=name, split=chosen, limit=caps.get(name),
                                           problems=report.problems)  # fmt: skip
