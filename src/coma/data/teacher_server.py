@@ -204,6 +204,8 @@ def _decode_image(raw: bytes) -> Image.Image:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # The default listen backlog of 5 resets connections when a client opens dozens at once (--concurrency 64).
+    request_queue_size = 256
 
     def __init__(self, teacher: ScriptedTeacher) -> None:
         self.teacher = teacher
