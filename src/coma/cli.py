@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "match": ("match", "stage 2: contrastive matching"),
     "eval": ("evaluate", "MMEB-style evaluation"),
     "check": ("check", "pre-flight check of the data of compress, match or eval"),
+    "export": ("export", "add sentence-transformers files to a model folder, or write a folder for vLLM"),
+    "index": ("index", "embed a collection into a faiss index"),
+    "search": ("search", "query a faiss index built by coma index"),
+    "serve": ("serve", "an OpenAI-compatible HTTP embedding (and search) server"),
     "synth": ("synth", "write the synthetic multimodal world"),
     "demo": ("demo", "the end-to-end CPU demo"),
 }
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args._run(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"coma {args.command}: error: {error}", file=sys.stderr)
         return 1
     return int(result or 0)

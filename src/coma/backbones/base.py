@@ -25,6 +25,11 @@ class BackboneAdapter:
     def load_model(self, name_or_path: str, **kwargs: Any) -> nn.Module:
         raise NotImplementedError
 
+    @property
+    def published_processor_class(self) -> str:
+        """The transformers processor class that ``AutoProcessor`` (sentence-transformers, vLLM) should load."""
+        raise NotImplementedError
+
     def load_processor(self, name_or_path: str, **kwargs: Any) -> Any:
         raise NotImplementedError
 

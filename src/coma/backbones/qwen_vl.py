@@ -61,6 +61,11 @@ class QwenVLAdapter(BackboneAdapter):
     def load_processor(self, name_or_path: str, **kwargs: Any) -> Any:
         return self.processor_class.from_pretrained(name_or_path, **kwargs)
 
+    @property
+    def published_processor_class(self) -> str:
+        # coma's processors are transformers' minus the video slot; other tools load transformers' own.
+        return self.processor_class.__mro__[1].__name__
+
     def position_ids(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """3 × B × L M-RoPE ids from the 2-D padding mask; correct for either padding side and text-only rows."""
         inner = _inner_model(model)

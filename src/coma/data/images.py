@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import os
+import re
 from collections import OrderedDict
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -12,10 +17,17 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 # Refuse decompression bombs before decoding: 8192 × 8192 is far above any VLM's pixel budget.
 MAX_SOURCE_PIXELS = 8192 * 8192
 MAX_ASPECT_RATIO = 200
+# PIL format names of IMAGE_EXTENSIONS: the only decoders tried on bytes from the network.
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+_DATA_URL = re.compile(r"data:(?:image/[A-Za-z0-9.+-]+)?(?:;[A-Za-z0-9=.+-]+)*?(?P<base64>;base64)?,")
 
 
 class ImageLoadError(ValueError):
     """An image that is missing, unreadable, too large or outside its root."""
+
+
+class ImageTooLargeError(ImageLoadError):
+    """Image bytes (an upload) above the allowed size, refused before they are decoded."""
 
 
 def resolve_image_path(path: str | os.PathLike, root: str | os.PathLike | None) -> Path:
@@ -74,15 +86,62 @@ def load_image(
     path = resolve_image_path(source, root)
     if not path.is_file():
         raise ImageLoadError(f"image not found: {path}")
+    return _decode(path, path, max_source_pixels)
+
+
+def load_image_bytes(
+    data: bytes, name: str = "<bytes>", max_source_pixels: int = MAX_SOURCE_PIXELS
+) -> Image.Image:
+    """Decode untrusted image bytes (an upload) as RGB under the same limits as :func:`load_image`.
+
+    Only the formats of :data:`IMAGE_EXTENSIONS` are tried, so bytes from the network never reach PIL's other
+    plugins (EPS would run Ghostscript).
+    """
+    return _decode(io.BytesIO(data), name, max_source_pixels, formats=UPLOAD_FORMATS)
+
+
+def image_data_url_bytes(url: str, max_bytes: int) -> bytes:
+    """The bytes of a ``data:[image/...][;base64],...`` URL, refusing payloads above ``max_bytes`` before decoding.
+
+    Raises :class:`ImageTooLargeError` for an oversized payload and :class:`ImageLoadError` for anything else.
+    """
+    match = _DATA_URL.match(url)
+    if match is None:
+        raise ImageLoadError("not a data URL: expected data:image/<format>;base64,<data>")
+    if not match.group("base64"):
+        raise ImageLoadError("the data URL is not base64-encoded: expected data:image/<format>;base64,<data>")
+    payload = url[match.end() :]
+    if len(payload) // 4 * 3 > max_bytes + 2:  # 4 base64 characters per 3 bytes, at most 2 of them padding
+        raise ImageTooLargeError(
+            f"the image has about {len(payload) // 4 * 3:,} bytes, above the limit of {max_bytes:,}"
+        )
     try:
-        with Image.open(path) as image:
-            _check_size(image, path, max_source_pixels)
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ImageLoadError(f"the data URL's base64 payload is invalid: {error}") from None
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(f"the image has {len(data):,} bytes, above the limit of {max_bytes:,}")
+    if not data:
+        raise ImageLoadError("the data URL holds no image data")
+    return data
+
+
+def _decode(
+    source: Path | BinaryIO, name: object, max_source_pixels: int, formats: tuple[str, ...] | None = None
+) -> Image.Image:
+    try:
+        with Image.open(source, formats=formats) as image:
+            _check_size(image, name, max_source_pixels)
             image.load()
             return image.convert("RGB")
     except ImageLoadError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
-        raise ImageLoadError(f"cannot read image {path}: {error}") from None
+    except UnidentifiedImageError as error:
+        # PIL names the stream (``<_io.BytesIO object at 0x…>``) where a file would have its path.
+        reason = f"not a {', '.join(formats)} image" if formats else error
+        raise ImageLoadError(f"cannot read image {name}: {reason}") from None
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
+        raise ImageLoadError(f"cannot read image {name}: {error}") from None
 
 
 def _check_size(image: Image.Image, name: object, max_source_pixels: int) -> None:
