@@ -1,11 +1,12 @@
 """Requests/s and p50/p99 latency of ``coma serve`` with batching on and off, side by side (tiny model, loopback).
 
-Builds a tiny random model and serves it in-process on 127.0.0.1 three times: batching on (up to ``--max-batch-size``
-items within ``--max-wait-ms``), on without waiting (whatever is queued when the worker is free), and off (every
-request a forward of its own). Each is driven by C concurrent clients (httpx, keep-alive) sending ``--requests``
-one-item ``/v1/embeddings`` requests per level: distinct texts, or image conversations (a 112×112 PNG data URL and a
-line of text). The clients run in the server's process, so on a small machine they take CPU from it: compare the
-rows, not the absolute figures.
+Builds a tiny random model and serves it with ``coma serve`` (its own process, on 127.0.0.1) three times: batching
+on (up to ``--max-batch-size`` items within ``--max-wait-ms``), on without waiting (whatever is queued when the worker
+is free), and off (``--no-batching``: every request a forward of its own). Each is driven by C concurrent clients
+(httpx, keep-alive, in this process) sending ``--requests`` one-item ``/v1/embeddings`` requests per level: distinct
+texts, or image conversations (a 112×112 PNG data URL and a line of text). The clients share the machine's cores
+with the server: compare the rows, not the absolute figures. "mean batch" is items per forward, from the counts
+``GET /health`` reports.
 
     .venv/bin/python scripts/bench_serve.py [--concurrency 1,16,64] [--requests 512] [--kind text,image]
 """
@@ -15,11 +16,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,10 +36,9 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from coma.backbones.tiny import init_model  # noqa: E402
-from coma.embedder import Embedder  # noqa: E402
-from coma.serving.server import create_app, serve_in_thread  # noqa: E402
 
 NAME = "bench"
+HOST = "127.0.0.1"
 WARMUP_REQUESTS = 16
 
 
@@ -58,39 +63,83 @@ def request_bodies(kind: str, n: int, seed: int = 0) -> list[bytes]:
     return bodies
 
 
+async def post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes) -> tuple[int, bytes]:
+    """One keep-alive ``POST /v1/embeddings`` over an open connection: ``(status, body)``.
+
+    A bare HTTP/1.1 client: httpx's async pool costs more CPU per request than the server does at 64 connections,
+    and the clients share the machine with the server.
+    """
+    head = f"POST /v1/embeddings HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+    writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    status_line, *header_lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in header_lines if line)
+    return int(status_line.split()[1]), await reader.readexactly(int(headers["content-length"]))
+
+
 async def drive(url: str, bodies: list[bytes], concurrency: int) -> tuple[float, list[float]]:
-    """Send every body with ``concurrency`` clients; ``(seconds, latencies)``."""
+    """Send every body with ``concurrency`` clients, one connection each; ``(seconds, latencies)``."""
     latencies: list[float] = []
     pending = iter(bodies)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    headers = {"content-type": "application/json"}
-    async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as client:
+    port = int(url.rsplit(":", 1)[1])
 
-        async def one_client() -> None:
+    async def one_client() -> None:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
             for body in pending:
                 start = time.perf_counter()
-                reply = await client.post("/v1/embeddings", content=body, headers=headers)
+                status, reply = await post(reader, writer, body)
                 latencies.append(time.perf_counter() - start)
-                if reply.status_code != 200:
-                    raise RuntimeError(f"the server answered {reply.status_code}: {reply.text[:300]}")
+                if status != 200:
+                    raise RuntimeError(f"the server answered {status}: {reply[:300]!r}")
+        finally:
+            writer.close()
 
-        start = time.perf_counter()
-        await asyncio.gather(*(one_client() for _ in range(concurrency)))
-        return time.perf_counter() - start, latencies
+    start = time.perf_counter()
+    await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    return time.perf_counter() - start, latencies
 
 
-def measure(
-    embedder: Embedder, kind: str, levels: list[int], n: int, max_batch_size: int, max_wait_ms: float
-) -> list[dict]:
-    app = create_app(embedder, served_model_name=NAME, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
-    batcher = app.state.service.batcher
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def coma_serve(model_dir: Path, flags: list[str], timeout: float = 120.0) -> Iterator[str]:
+    """``coma serve`` in a subprocess, as a user starts it; yields its URL once ``/health`` answers."""
+    port = free_port()
+    command = [sys.executable, "-m", "coma.cli", "serve", "--model", str(model_dir), "--port", str(port),
+               "--served-model-name", NAME, "--device", "cpu", "--log-level", "warning", *flags]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    url = f"http://{HOST}:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"coma serve exited with {server.returncode}: {' '.join(command)}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"coma serve did not answer on {url} within {timeout:.0f} s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def measure(model_dir: Path, kind: str, levels: list[int], n: int, flags: list[str]) -> list[dict]:
     rows = []
-    with serve_in_thread(app) as url:
+    with coma_serve(model_dir, flags) as url:
         asyncio.run(drive(url, request_bodies(kind, WARMUP_REQUESTS, seed=1), 4))
         for level in levels:
-            before = batcher.stats
+            before = httpx.get(f"{url}/health").json()
             seconds, latencies = asyncio.run(drive(url, request_bodies(kind, n), level))
-            after = batcher.stats
+            after = httpx.get(f"{url}/health").json()
             forwards = after["forwards"] - before["forwards"]
             p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
             rows.append({"rps": n / seconds, "p50": p50, "p99": p99,
@@ -110,22 +159,23 @@ def main() -> None:
     kinds = args.kind.split(",")
     if not set(kinds) <= {"text", "image"}:
         parser.error(f"--kind takes text and/or image, got {args.kind!r}")
+    size = ["--max-batch-size", str(args.max_batch_size)]
     servers = {
-        f"batching on (max {args.max_batch_size}, {args.max_wait_ms:g} ms)": (
-            args.max_batch_size,
-            args.max_wait_ms,
-        ),
-        f"batching on (max {args.max_batch_size}, 0 ms)": (args.max_batch_size, 0.0),
-        "batching off (max 1)": (1, 0.0),
+        f"batching on (max {args.max_batch_size}, {args.max_wait_ms:g} ms)": [
+            *size,
+            "--max-wait-ms",
+            str(args.max_wait_ms),
+        ],
+        f"batching on (max {args.max_batch_size}, 0 ms)": [*size, "--max-wait-ms", "0"],
+        "batching off (--no-batching)": ["--no-batching"],
     }
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = init_model(Path(tmp) / "tiny", family="qwen2_vl", size="tiny", seed=0)
-        embedder = Embedder.from_pretrained(model_dir, device="cpu")
         print(f"tiny qwen2_vl on {os.cpu_count()} CPUs, {args.requests} one-item requests per level")
         for kind in kinds:
             rows = {
-                name: measure(embedder, kind, levels, args.requests, *config)
-                for name, config in servers.items()
+                name: measure(model_dir, kind, levels, args.requests, flags)
+                for name, flags in servers.items()
             }
             print(f"\n{kind} requests\n")
             print("| clients | server | requests/s | p50 ms | p99 ms | mean batch |")

@@ -18,7 +18,9 @@ import pytest
 from helpers import random_image
 
 from coma.cli import main
+from coma.compression import embedding_text
 from coma.embedder import Embedder, EncodeInput
+from coma.serving.chat_template import embedding_chat_template
 from coma.serving.index import Index
 from coma.serving.server import MicroBatcher, create_app, serve_in_thread
 
@@ -101,7 +103,11 @@ def client(server):
 
 
 def test_health_and_models(client: httpx.Client) -> None:
-    assert client.get("/health").json() == {"status": "ok"}
+    before = client.get("/health").json()
+    assert before["status"] == "ok"
+    assert client.post("/v1/embeddings", json={"input": ["one", "two"]}).status_code == 200
+    after = client.get("/health").json()
+    assert after["items"] - before["items"] == 2 and 1 <= after["forwards"] - before["forwards"] <= 2
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and [card["id"] for card in models["data"]] == [NAME]
     assert models["data"][0]["object"] == "model" and models["data"][0]["owned_by"] == "coma"
@@ -153,6 +159,36 @@ def test_messages_equal_encode_with_instruction(
     assert reply.json()["usage"]["prompt_tokens"] > 4 * embedder.config.num_tokens
     one = client.post("/v1/embeddings", json={"messages": conversations[2]})  # one conversation, not a batch
     np.testing.assert_allclose(_vectors(one), instructed[:1], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "conversation",
+    [
+        [{"role": "system", "content": [{"type": "text", "text": "Find "}, {"type": "text", "text": "it."}]},
+         {"role": "user", "content": [{"type": "text", "text": "two "}, {"type": "text", "text": "parts"}]}],
+        [{"role": "user", "content": "Is <|image_1|> red?"}, {"role": "user", "content": [{"type": "image_url"}]}],
+        [{"role": "system", "content": "Retrieve"}, {"role": "user", "content": "<|image_1|>\nthe rest"}],
+        [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}, {"type": "text", "text": "b"}]}],
+    ],
+)  # fmt: skip
+def test_conversations_read_as_the_exported_chat_template_renders_them(
+    server, embedder: Embedder, image_files: list[Path], conversation: list[dict]
+) -> None:
+    """This server and vLLM serving the exported folder (its chat template) embed one conversation alike."""
+    url = _image_url(image_files[0])
+    for message in conversation:
+        for part in message["content"] if isinstance(message["content"], list) else []:
+            if part["type"] == "image_url":
+                part["image_url"] = {"url": url}
+    item = server[0].state.service._conversation(conversation, "messages")
+    template = embedding_chat_template(embedder.config, embedder.adapter.image_block)
+    rendered = embedder.processor.tokenizer.apply_chat_template(
+        conversation, chat_template=template, tokenize=False
+    )
+    has_image = item.input.image is not None
+    assert rendered == embedding_text(
+        item.input.text, has_image, embedder.config, embedder.adapter.image_block
+    )
 
 
 def test_texts_naming_files_stay_texts(
@@ -382,7 +418,11 @@ def test_bad_inputs_get_4xx_naming_the_field(
         assert reply.status_code == 400 and reply.json()["error"]["param"] == param, (case, reply.text)
     assert client.get("/v1/nothing").json()["error"]["code"] == 404
     assert client.get("/v1/embeddings").json()["error"]["code"] == 405
-    assert client.get("/health").json() == {"status": "ok"}
+    before = client.get("/health").json()
+    assert before["status"] == "ok"
+    assert client.post("/v1/embeddings", json={"input": ["one", "two"]}).status_code == 200
+    after = client.get("/health").json()
+    assert after["items"] - before["items"] == 2 and 1 <= after["forwards"] - before["forwards"] <= 2
     np.testing.assert_allclose(
         _vectors(client.post("/v1/embeddings", json={"input": "still up"})),
         embedder.encode(["still up"], show_progress=False),

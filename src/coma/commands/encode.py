@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from coma.embedder import EncodeInput
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -11,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input",
         required=True,
-        help='JSONL file, one {"text": ..., "image": ...} per line, or a folder of images (searched recursively)',
+        help='JSONL file, one {"text": ..., "image": ...} per line (an "id" key is allowed and ignored), or a folder of '
+        "images (searched recursively)",
     )
     parser.add_argument(
         "--out",
@@ -30,13 +36,18 @@ def read_encode_inputs(path: Path, placeholder: str = "<|image_1|>") -> list:
 
     A text-only line whose text holds the image placeholder loses it (counted and reported once).
     """
+    return [item for _, _, item in iter_encode_lines(path, placeholder)]
+
+
+def iter_encode_lines(path: Path, placeholder: str) -> Iterator[tuple[int, Any, EncodeInput]]:
+    """``(line number, the line's "id" or None, input)`` for each line of a JSONL input (see ``read_encode_inputs``)."""
     from coma.data.formats import PlaceholderFixes
     from coma.embedder import EncodeInput, as_encode_input
     from coma.io import iter_jsonl
 
-    items = []
     fixes = PlaceholderFixes(placeholder)
     for line_number, row in iter_jsonl(path):
+        id_ = row.pop("id", None)
         try:
             item = as_encode_input(row)
         except (TypeError, ValueError) as error:
@@ -44,10 +55,9 @@ def read_encode_inputs(path: Path, placeholder: str = "<|image_1|>") -> list:
         if item.image is not None and not isinstance(item.image, str):
             raise ValueError(f"{path}:{line_number}: field 'image' must be a path string")
         text = fixes.fix(item.text, item.image is not None, path.name, "inputs")
-        items.append(EncodeInput(text, str(path.parent / item.image) if item.image else None))
+        yield line_number, id_, EncodeInput(text, str(path.parent / item.image) if item.image else None)
     for line in fixes.lines():
         print(line)
-    return items
 
 
 def run(args: argparse.Namespace) -> int:

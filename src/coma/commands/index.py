@@ -84,35 +84,22 @@ def read_index_inputs(path: Path, placeholder: str = "<|image_1|>") -> tuple[lis
 
 
 def _read_jsonl(path: Path, placeholder: str) -> tuple[list, list[str], list[str]]:
-    """``coma encode``'s reading (``read_encode_inputs``) plus each line's optional ``"id"``, which that function
-    refuses as an unknown key."""
-    from coma.data.formats import PlaceholderFixes
-    from coma.embedder import EncodeInput, as_encode_input
-    from coma.io import iter_jsonl
+    """``coma encode``'s inputs with each line's ``"id"`` (its line number when it has none) and source."""
+    from coma.commands.encode import iter_encode_lines
 
     items, ids, sources = [], [], []
     first_line: dict[str, int] = {}
-    fixes = PlaceholderFixes(placeholder)
-    for line_number, row in iter_jsonl(path):
-        id_ = row.pop("id", line_number)
+    for line_number, id_, item in iter_encode_lines(path, placeholder):
+        id_ = line_number if id_ is None else id_
         if isinstance(id_, bool) or not isinstance(id_, (str, int)) or id_ == "":
             raise ValueError(f"{path}:{line_number}: field 'id' must be a non-empty string or an integer")
         id_ = str(id_)
         if id_ in first_line:
             raise ValueError(f"{path}:{line_number}: duplicate id {id_!r} (also on line {first_line[id_]})")
         first_line[id_] = line_number
-        try:
-            item = as_encode_input(row)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{path}:{line_number}: {error}") from None
-        if item.image is not None and not isinstance(item.image, str):
-            raise ValueError(f"{path}:{line_number}: field 'image' must be a path string")
-        text = fixes.fix(item.text, item.image is not None, path.name, "inputs")
-        items.append(EncodeInput(text, str(path.parent / item.image) if item.image else None))
+        items.append(item)
         ids.append(id_)
         sources.append(f"{path.name}:{line_number}")
-    for line in fixes.lines():
-        print(line)
     return items, ids, sources
 
 

@@ -204,7 +204,7 @@ def vllm_pooler_config(config: ComaConfig) -> dict[str, Any]:
 
     ``last`` is vLLM's own LAST pooling (with L2 normalisation as ``use_activation``). Every other pooling needs the
     T compression states: vLLM returns every token's hidden state, unnormalised, and
-    :func:`coma.serving.vllm.pool_token_embeddings` pools the last T rows on the client.
+    :class:`coma.serving.vllm.VllmPooling` pools the last T rows on the client.
     """
     if config.pooling == "last":
         return {"task": "embed", "pooling_type": "LAST", "use_activation": config.normalize}

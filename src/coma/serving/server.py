@@ -5,7 +5,7 @@ Routes:
 * ``POST /v1/embeddings``: OpenAI's ``input`` (a string or a list of strings), or vLLM's ``messages`` (one
   conversation, or a list of them) whose user parts give the text and at most one image (``image_url`` with a
   ``data:`` URL) and whose system message is the instruction, exactly as ``Embedder.encode(instruction=...)`` uses it;
-* ``GET /v1/models``, ``GET /health``;
+* ``GET /v1/models``; ``GET /health`` (with the counts of forwards run and items forwarded);
 * ``POST /v1/search``: the top ``k`` hits of one query in the index the server was started with.
 
 Every error is OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with ``param`` naming the field at fault
@@ -430,9 +430,11 @@ class EmbeddingService:
         if not texts and not urls:
             raise ApiError(400, f"{path} has no user text or image", path)
         image = self._decode_image(*urls[0]) if urls else None
-        # As encode does: a text-only input loses its image placeholder before the instruction goes in front.
-        text, _ = drop_orphan_placeholder("\n".join(texts), image is not None, self.placeholder)
-        text = with_instruction(text, "\n".join(instructions) or None)
+        # Parts are concatenated as the exported chat template concatenates them, so that this server and vLLM
+        # serving the exported folder embed one conversation alike. As encode does, a text-only input loses its
+        # image placeholder before the instruction goes in front.
+        text, _ = drop_orphan_placeholder("".join(texts), image is not None, self.placeholder)
+        text = with_instruction(text, "".join(instructions) or None)
         return _Item(EncodeInput(text=text, image=image), path)
 
     def _decode_image(self, url: str, param: str) -> Image.Image:
@@ -640,7 +642,8 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+        stats = service.batcher.stats
+        return JSONResponse({"status": "ok", "forwards": stats["forwards"], "items": stats["items"]})
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
