@@ -1,8 +1,8 @@
 """Requests/s and p50/p99 latency of ``coma serve`` with batching on and off, side by side (tiny model, loopback).
 
 Builds a tiny random model and serves it with ``coma serve`` (its own process, on 127.0.0.1) three times: batching
-on (up to ``--max-batch-size`` items within ``--max-wait-ms``), on without waiting (whatever is queued when the worker
-is free), and off (``--no-batching``: every request a forward of its own). Each is driven by C concurrent clients
+on as by default (whatever queued while the worker was busy, up to ``--max-batch-size`` items), on with a wait for
+more (``--max-wait-ms``), and off (``--no-batching``: every request a forward of its own). Each is driven by C concurrent clients
 (httpx, keep-alive, in this process) sending ``--requests`` one-item ``/v1/embeddings`` requests per level: distinct
 texts, or image conversations (a 112×112 PNG data URL and a line of text). The clients share the machine's cores
 with the server: compare the rows, not the absolute figures. "mean batch" is items per forward, from the counts
@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=512, help="requests per concurrency level")
     parser.add_argument("--kind", default="text,image", help="text, image, or both (comma-separated)")
     parser.add_argument("--max-batch-size", type=int, default=32, help="of the batching server")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="of the batching server")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="of the second batching server")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
     kinds = args.kind.split(",")
@@ -161,12 +161,12 @@ def main() -> None:
         parser.error(f"--kind takes text and/or image, got {args.kind!r}")
     size = ["--max-batch-size", str(args.max_batch_size)]
     servers = {
-        f"batching on (max {args.max_batch_size}, {args.max_wait_ms:g} ms)": [
+        f"batching on (max {args.max_batch_size}, 0 ms wait: the default)": [*size],
+        f"batching on (max {args.max_batch_size}, {args.max_wait_ms:g} ms wait)": [
             *size,
             "--max-wait-ms",
             str(args.max_wait_ms),
         ],
-        f"batching on (max {args.max_batch_size}, 0 ms)": [*size, "--max-wait-ms", "0"],
         "batching off (--no-batching)": ["--no-batching"],
     }
     with tempfile.TemporaryDirectory() as tmp:

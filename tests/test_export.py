@@ -1,10 +1,13 @@
 """``coma export``: sentence-transformers parity for every pooling and input kind, and the vLLM folder.
 
 sentence-transformers loads the processor with ``AutoProcessor``, which for a Qwen-VL folder needs torchvision (its
-video slot); coma runs without torchvision (DESIGN §4). The ``st_processor`` fixture therefore stands coma's
-image-only subclass in for transformers' class inside sentence-transformers' Transformer module: the same image
-processor and tokenizer, minus the video slot. Everything else (modules.json, the chat template, the pooling and
-normalisation modules, model loading through ``AutoModel``) is sentence-transformers' own code path.
+video slot); coma runs without torchvision (DESIGN §4). The exports of the compression-token poolings read inputs
+through ``coma.serving.st_modules.ComaTransformer``, which loads coma's processor itself: they are tested exactly as
+a user loads them. A ``last`` export is ST's standard modules only, so its tests use the ``st_processor`` fixture,
+which stands coma's image-only processor in for ``AutoProcessor`` inside ST's Transformer module (the same image
+processor and tokenizer, minus the video slot); with torchvision installed, transformers' own processor is used there
+instead, untested here. Everything else (modules.json, the chat template, the pooling and normalisation modules,
+model loading through ``AutoModel``) is sentence-transformers' own code path.
 """
 
 from __future__ import annotations
@@ -81,9 +84,11 @@ def folder_digest(folder) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("pooling", [*POOLINGS, "qwen2_5_vl"])
-def test_sentence_transformers_equals_embedder(pooled_models, pooling, image_files, tmp_path, st_processor):
+def test_sentence_transformers_equals_embedder(pooled_models, pooling, image_files, tmp_path, request):
     from sentence_transformers import SentenceTransformer
 
+    if pooling == "last":
+        request.getfixturevalue("st_processor")
     folder = export_model(
         pooled_models[pooling], "sentence-transformers", tmp_path / "st", QUERY_PROMPT
     ).folder
@@ -121,10 +126,13 @@ def test_last_pooling_export_is_standard_modules(pooled_models, tmp_path):
     assert json.loads((folder / "1_Pooling" / "config.json").read_text())["pooling_mode"] == "lasttoken"
     mean = export_model(pooled_models["mean"], "sentence-transformers", tmp_path / "mean").folder
     types = [module["type"] for module in json.loads((mean / "modules.json").read_text())]
-    assert types[1] == "coma.serving.st_modules.CompressionPooling"
+    assert types[:2] == [
+        "coma.serving.st_modules.ComaTransformer",
+        "coma.serving.st_modules.CompressionPooling",
+    ]
 
 
-def test_custom_pooling_needs_trust_remote_code(pooled_models, tmp_path, st_processor):
+def test_custom_pooling_needs_trust_remote_code(pooled_models, tmp_path):
     from sentence_transformers import SentenceTransformer
 
     folder = export_model(pooled_models["mean"], "sentence-transformers", tmp_path / "st").folder

@@ -170,24 +170,16 @@ def test_full_attention_blocks_keep_the_released_pattern(depth, blocks):
 
 
 @pytest.mark.slow
-def test_sentence_transformers_export_at_the_real_shape(real_model, tmp_path, monkeypatch):
+def test_sentence_transformers_export_at_the_real_shape(real_model, tmp_path):
     """The exported folder encodes a 640 × 480 image and a text like Embedder does, at the 3B's widths."""
     size, _, out = real_model
     if size != "qwen2.5-vl-3b":
         pytest.skip("one real shape is enough: the export code has no per-shape branch")
     sentence_transformers = pytest.importorskip("sentence_transformers")
-    import sentence_transformers.base.modules.transformer as st_transformer
 
-    from coma.backbones import adapter_for, read_model_type
     from coma.embedder import Embedder
     from coma.serving.export import export_model
 
-    class ImageOnlyAutoProcessor:  # no torchvision here: see tests/test_export.py
-        @staticmethod
-        def from_pretrained(path, **kwargs):
-            return adapter_for(read_model_type(path)).load_processor(str(path))
-
-    monkeypatch.setattr(st_transformer, "AutoProcessor", ImageOnlyAutoProcessor)
     folder = Embedder.from_pretrained(out, num_tokens=32, device="cpu").save_pretrained(tmp_path / "coma")
     export_model(folder, "sentence-transformers", query_prompt="Find the image")
     model = sentence_transformers.SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")

@@ -32,6 +32,7 @@ ST_TRANSFORMER = "sentence_transformers.base.modules.transformer.Transformer"
 ST_POOLING = "sentence_transformers.sentence_transformer.modules.pooling.Pooling"
 ST_NORMALIZE = "sentence_transformers.base.modules.normalize.Normalize"
 COMA_POOLING = "coma.serving.st_modules.CompressionPooling"
+COMA_TRANSFORMER = "coma.serving.st_modules.ComaTransformer"
 _LAST_HIDDEN = {"method": "forward", "method_output_name": "last_hidden_state"}
 
 
@@ -135,7 +136,8 @@ def write_sentence_transformers(folder: ModelFolder, files: list[str], query_pro
 
     config, path = folder.config, folder.path
     template = embedding_chat_template(config, folder.adapter.image_block)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": ST_TRANSFORMER}]
+    transformer_type = ST_TRANSFORMER if config.pooling == "last" else COMA_TRANSFORMER
+    modules = [{"idx": 0, "name": "0", "path": "", "type": transformer_type}]
     if config.pooling == "last":
         pooling_type, pooling_path = ST_POOLING, "1_Pooling"
         pooling = Pooling(folder.hidden_size, pooling_mode="lasttoken")

@@ -97,13 +97,14 @@ class MicroBatcher(Generic[T, R]):
     """Runs ``forward`` over items of concurrent requests in shared batches, one batch at a time, on one thread.
 
     A batch is the oldest waiting item plus whatever else is waiting or arrives until ``max_wait_ms`` after that item
-    was queued, up to ``max_batch_size`` items; under load the queue is never empty and batches fill without waiting.
+    was queued, up to ``max_batch_size`` items; under load the queue fills during each forward, so batches fill
+    without waiting (the default wait is 0).
     ``forward`` maps a list of items to one result per item. When it raises on a batch of several, each item is run
     alone so that only the failing ones fail. The event loop only queues and awaits, so it stays free during forwards.
     """
 
     def __init__(
-        self, forward: Callable[[list[T]], Sequence[R]], max_batch_size: int = 32, max_wait_ms: float = 5.0
+        self, forward: Callable[[list[T]], Sequence[R]], max_batch_size: int = 32, max_wait_ms: float = 0.0
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -282,7 +283,7 @@ class EmbeddingService:
         served_model_name: str,
         index: Any = None,
         max_batch_size: int = 32,
-        max_wait_ms: float = 5.0,
+        max_wait_ms: float = 0.0,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         max_input_tokens: int | None = None,
     ) -> None:
@@ -589,7 +590,7 @@ def create_app(
     served_model_name: str,
     index: Any = None,
     max_batch_size: int = 32,
-    max_wait_ms: float = 5.0,
+    max_wait_ms: float = 0.0,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_input_tokens: int | None = None,

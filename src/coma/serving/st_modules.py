@@ -1,21 +1,56 @@
-"""The sentence-transformers module for coma's poolings that ST's own ``Pooling`` cannot express.
+"""The sentence-transformers modules for what ST's own ``Transformer`` and ``Pooling`` cannot express.
 
 ``Pooling(pooling_mode="lasttoken")`` is coma's ``last`` pooling (the last compression token ends the input), so a
 ``last`` export needs no code of ours. ``mean``, ``concat``, ``gated`` and ``latent`` pool the T compression states,
-which this module finds by token id (as :func:`coma.pooling.compression_states` does, so padding side and batch make
-no difference) and pools with coma's own :class:`coma.pooling.Pooler`. Loading it needs ``trust_remote_code=True``
-(sentence-transformers ≥ 6 asks that of every class outside its package) and coma installed.
+which :class:`CompressionPooling` finds by token id (as :func:`coma.pooling.compression_states` does, so padding side
+and batch make no difference) and pools with coma's own :class:`coma.pooling.Pooler`. Those exports also read their
+inputs through :class:`ComaTransformer`, which prepares images with coma's processor. Loading either needs
+``trust_remote_code=True`` (sentence-transformers ≥ 6 asks that of every class outside its package) and coma
+installed.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
-from sentence_transformers.base.modules import Module
+from sentence_transformers.base.modules import Module, Transformer
 
+from coma.backbones import adapter_for
 from coma.config import ComaConfig
 from coma.pooling import Pooler, compression_states
+
+_PROCESSOR_SWAP = threading.Lock()
+
+
+class ComaTransformer(Transformer):
+    """ST's ``Transformer`` reading images with coma's processor.
+
+    ST loads the processor with ``AutoProcessor``, which on a Qwen-VL folder needs torchvision for the video slot
+    (DESIGN §4: coma runs without it) and, where torchvision is installed, picks transformers' torchvision image
+    backend. coma's processor is the same image processor on its PIL backend, so images are resized and patched
+    exactly as ``Embedder.encode`` does it, with or without torchvision.
+    """
+
+    def __init__(self, model_name_or_path: str, *args: Any, **kwargs: Any) -> None:
+        from sentence_transformers.base.modules import transformer as st_transformer
+
+        module = self
+
+        class ComaAutoProcessor:  # ST's Transformer calls AutoProcessor.from_pretrained once, after the model loads
+            @staticmethod
+            def from_pretrained(name_or_path: str, **processor_kwargs: Any) -> Any:
+                return adapter_for(module.config.model_type).load_processor(name_or_path, **processor_kwargs)
+
+        # ST reads the name from its module's globals: stand coma's loader in for the one call, one load at a time.
+        with _PROCESSOR_SWAP:
+            original = st_transformer.AutoProcessor
+            st_transformer.AutoProcessor = ComaAutoProcessor
+            try:
+                super().__init__(model_name_or_path, *args, **kwargs)
+            finally:
+                st_transformer.AutoProcessor = original
 
 
 class CompressionPooling(Module):
