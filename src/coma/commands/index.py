@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -107,11 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from coma.config import ComaConfig
     from coma.serving.index import META_FILE, Index, import_faiss, resolve_params
 
-    try:
-        import_faiss()
-    except ImportError as error:
-        print(f"coma index: error: {error}", file=sys.stderr)
-        return 1
+    import_faiss()  # before the model loads: a missing faiss is said at once
     started = time.perf_counter()
     out = Path(args.out)
     params = {name: getattr(args, name) for name in PARAM_FLAGS if getattr(args, name) is not None}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,11 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from coma.embedder import EncodeInput
     from coma.serving.index import Index, import_faiss
 
-    try:
-        import_faiss()
-    except ImportError as error:
-        print(f"coma search: error: {error}", file=sys.stderr)
-        return 1
+    import_faiss()  # before the model loads: a missing faiss is said at once
     if not args.text and args.image is None:
         raise ValueError("pass --text, --image or both")
     if args.k < 1:
