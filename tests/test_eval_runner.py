@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from dist_utils import run_distributed
-from helpers import random_image
+from helpers import FAMILIES, random_image
 
 from coma.cli import main
 from coma.data.formats import DataFormatError
@@ -157,7 +157,7 @@ def run_eval(embedder, toy, out, image_root=None, **kwargs):
 # Scores
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_identity_scores_one_and_collapsed_ties(tiny_model_dirs, toy, tmp_path, family):
     scores = run_eval(Embedder.from_pretrained(tiny_model_dirs[family], device="cpu"), toy, tmp_path)
     identity, collapsed = scores["datasets"]["identity"], scores["datasets"]["collapsed"]

@@ -11,49 +11,88 @@ import torch
 from helpers import random_image
 from safetensors import safe_open
 
-from coma.backbones.tiny import full_attention_blocks
+from coma.backbones import ADAPTERS
+from coma.backbones.tiny import REAL_SHAPES, deepstack_blocks, full_attention_blocks, real_shape_config
 from coma.cli import main
 
-# From the config.json / tokenizer of Qwen/Qwen2-VL-2B-Instruct, Qwen/Qwen2.5-VL-3B-Instruct and
-# Qwen/Qwen2.5-VL-7B-Instruct on the HF hub.
+# From the config.json / tokenizer / preprocessor_config.json of Qwen/Qwen2-VL-2B-Instruct,
+# Qwen/Qwen2.5-VL-3B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct, Qwen/Qwen3-VL-2B-Instruct and Qwen/Qwen3-VL-8B-Instruct
+# on the HF hub (the Qwen3-VL ones through copies; see REAL_SHAPES in coma.backbones.tiny).
 QWEN2_5_VIT = {"hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "hidden_act": "silu",
                "window_size": 112, "tokens_per_second": 2}  # fmt: skip
+QWEN2_TEXT = {"rms_norm_eps": 1e-6, "initializer_range": 0.02, "hidden_act": "silu", "bos_token_id": 151643,
+              "eos_token_id": 151645, "pad_token_id": None, "use_sliding_window": False,
+              "sliding_window": None, "num_hidden_layers": 1}  # fmt: skip
+QWEN2_ROPE = {"mrope_section": [16, 24, 24], "rope_theta": 1e6}
+QWEN2_VISION = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
+                "initializer_range": 0.02}  # fmt: skip
+CLIP = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+QWEN2_PROCESSOR = {"size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}, "patch_size": 14,
+                   "merge_size": 2, "temporal_patch_size": 2, **CLIP}  # fmt: skip
+QWEN3_TEXT = {"rms_norm_eps": 1e-6, "initializer_range": 0.02, "hidden_act": "silu", "bos_token_id": 151643,
+              "eos_token_id": 151645, "pad_token_id": None, "num_hidden_layers": 1, "head_dim": 128,
+              "num_key_value_heads": 8, "max_position_embeddings": 262144, "vocab_size": 151936,
+              "attention_bias": False}  # fmt: skip
+QWEN3_ROPE = {"mrope_section": [24, 20, 20], "mrope_interleaved": True, "rope_theta": 5e6}
+QWEN3_VISION = {"patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
+                "initializer_range": 0.02, "num_heads": 16, "hidden_act": "gelu_pytorch_tanh",
+                "num_position_embeddings": 2304}  # fmt: skip
+QWEN3_PROCESSOR = {"size": {"shortest_edge": 65536, "longest_edge": 16777216}, "patch_size": 16,
+                   "merge_size": 2, "temporal_patch_size": 2, "image_mean": [0.5] * 3,
+                   "image_std": [0.5] * 3}  # fmt: skip
 RELEASED = {
     "qwen2-vl-2b": {
         "model_type": "qwen2_vl", "architecture": "Qwen2VLForConditionalGeneration", "tie": True,
-        "tokens": 151657,
-        "text": {"hidden_size": 1536, "intermediate_size": 8960, "num_attention_heads": 12,
+        "tokens": 151657, "parameters": 2_208_985_600,
+        "rope": QWEN2_ROPE, "processor": QWEN2_PROCESSOR, "smallest_grid": 4,
+        "text": {**QWEN2_TEXT, "hidden_size": 1536, "intermediate_size": 8960, "num_attention_heads": 12,
                  "num_key_value_heads": 2, "max_position_embeddings": 32768, "vocab_size": 151936},
-        "vision": {"embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4, "hidden_size": 1536,
+        "vision": {**QWEN2_VISION, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4, "hidden_size": 1536,
                    "hidden_act": "quick_gelu"},
     },
     "qwen2.5-vl-3b": {
         "model_type": "qwen2_5_vl", "architecture": "Qwen2_5_VLForConditionalGeneration", "tie": True,
-        "tokens": 151665,
-        "text": {"hidden_size": 2048, "intermediate_size": 11008, "num_attention_heads": 16,
+        "tokens": 151665, "parameters": 3_754_622_976,
+        "rope": QWEN2_ROPE, "processor": QWEN2_PROCESSOR, "smallest_grid": 4,
+        "text": {**QWEN2_TEXT, "hidden_size": 2048, "intermediate_size": 11008, "num_attention_heads": 16,
                  "num_key_value_heads": 2, "max_position_embeddings": 128000, "vocab_size": 151936},
-        "vision": {**QWEN2_5_VIT, "out_hidden_size": 2048},
+        "vision": {**QWEN2_VISION, **QWEN2_5_VIT, "out_hidden_size": 2048},
     },
     "qwen2.5-vl-7b": {
         "model_type": "qwen2_5_vl", "architecture": "Qwen2_5_VLForConditionalGeneration", "tie": False,
-        "tokens": 151665,
-        "text": {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+        "tokens": 151665, "parameters": 8_292_166_656,
+        "rope": QWEN2_ROPE, "processor": QWEN2_PROCESSOR, "smallest_grid": 4,
+        "text": {**QWEN2_TEXT, "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
                  "num_key_value_heads": 4, "max_position_embeddings": 128000, "vocab_size": 152064},
-        "vision": {**QWEN2_5_VIT, "out_hidden_size": 3584},
+        "vision": {**QWEN2_VISION, **QWEN2_5_VIT, "out_hidden_size": 3584},
+    },
+    "qwen3-vl-2b": {
+        "model_type": "qwen3_vl", "architecture": "Qwen3VLForConditionalGeneration", "tie": True,
+        "tokens": 151669, "parameters": 2_127_532_032,
+        "rope": QWEN3_ROPE, "processor": QWEN3_PROCESSOR, "smallest_grid": 16,
+        "text": {**QWEN3_TEXT, "hidden_size": 2048, "intermediate_size": 6144, "num_attention_heads": 16},
+        "vision": {**QWEN3_VISION, "hidden_size": 1024, "intermediate_size": 4096, "out_hidden_size": 2048},
+        "deepstack": ([5, 11, 17], 24),
+    },
+    "qwen3-vl-8b": {
+        "model_type": "qwen3_vl", "architecture": "Qwen3VLForConditionalGeneration", "tie": False,
+        "tokens": 151669, "parameters": 8_767_123_696,
+        "rope": QWEN3_ROPE, "processor": QWEN3_PROCESSOR, "smallest_grid": 16,
+        "text": {**QWEN3_TEXT, "hidden_size": 4096, "intermediate_size": 12288, "num_attention_heads": 32},
+        "vision": {**QWEN3_VISION, "hidden_size": 1152, "intermediate_size": 4304, "out_hidden_size": 4096},
+        "deepstack": ([8, 16, 24], 27),
     },
 }  # fmt: skip
-COMMON_TEXT = {"rms_norm_eps": 1e-6, "initializer_range": 0.02, "hidden_act": "silu", "bos_token_id": 151643,
-               "eos_token_id": 151645, "pad_token_id": None, "use_sliding_window": False,
-               "sliding_window": None, "num_hidden_layers": 1}  # fmt: skip
-COMMON_VISION = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
-                 "initializer_range": 0.02}  # fmt: skip
 TOKEN_IDS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
              "vision_end_token_id": 151653}  # fmt: skip
-# One LM layer each; the 3B keeps two ViT blocks so one real forward runs a window-attention block too.
+# One LM layer each; the 3B keeps two ViT blocks so one real forward runs a window-attention block too, and the
+# Qwen3-VL-2B two so that both of its DeepStack features (blocks 0 and 1) reach the LM.
 SHAPES = [
     pytest.param(("qwen2-vl-2b", 1), id="qwen2-vl-2b"),
     pytest.param(("qwen2.5-vl-3b", 2), id="qwen2.5-vl-3b"),
     pytest.param(("qwen2.5-vl-7b", 1), id="qwen2.5-vl-7b", marks=pytest.mark.slow),  # ~1.3 B parameters
+    pytest.param(("qwen3-vl-2b", 2), id="qwen3-vl-2b"),
+    pytest.param(("qwen3-vl-8b", 1), id="qwen3-vl-8b", marks=pytest.mark.slow),  # ~1.7 B parameters
 ]
 
 
@@ -79,25 +118,24 @@ def test_config_matches_the_released_checkpoint(real_model):
     assert {key: config[key] for key in TOKEN_IDS} == TOKEN_IDS
 
     text = config["text_config"]
-    expected_text = {**COMMON_TEXT, **real["text"], "model_type": f"{real['model_type']}_text"}
+    expected_text = {**real["text"], "model_type": f"{real['model_type']}_text"}
     assert {key: text[key] for key in expected_text} == expected_text
     assert text["hidden_size"] // text["num_attention_heads"] == 128
-    assert text["rope_parameters"]["mrope_section"] == [16, 24, 24]
-    assert text["rope_parameters"]["rope_theta"] == 1e6
-    assert text["layer_types"] == ["full_attention"]
+    assert {key: text["rope_parameters"][key] for key in real["rope"]} == real["rope"]
+    if real["model_type"] != "qwen3_vl":
+        assert text["layer_types"] == ["full_attention"]
 
     vision = config["vision_config"]
-    expected_vision = {**COMMON_VISION, **real["vision"], "depth": vision_layers}
+    expected_vision = {**real["vision"], "depth": vision_layers}
     expected_vision["model_type"] = f"{real['model_type']}_vision"
     assert {key: vision[key] for key in expected_vision} == expected_vision
     if real["model_type"] == "qwen2_5_vl":
         assert vision["fullatt_block_indexes"] == full_attention_blocks(vision_layers)
+    if "deepstack" in real:
+        assert vision["deepstack_visual_indexes"] == deepstack_blocks(vision_layers, *real["deepstack"])
 
     image = json.loads((out / "processor_config.json").read_text())["image_processor"]
-    assert image["size"] == {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}
-    assert (image["patch_size"], image["merge_size"], image["temporal_patch_size"]) == (14, 2, 2)
-    assert image["image_mean"] == [0.48145466, 0.4578275, 0.40821073]
-    assert image["image_std"] == [0.26862954, 0.26130258, 0.27577711]
+    assert {key: image[key] for key in real["processor"]} == real["processor"]
 
     with safe_open(str(out / "model.safetensors"), "pt") as weights:
         names = weights.keys()  # the real checkpoints' names: model.*, visual.*, lm_head only when untied
@@ -124,14 +162,41 @@ def test_loads_in_fp32_and_encodes_text_and_image(real_model):
     assert (backbone.get_output_embeddings().weight is backbone.get_input_embeddings().weight) is real["tie"]
     assert all(p.dtype == torch.float32 for p in backbone.parameters())
 
-    # The real min_pixels (56 x 56) upsizes a 28-px image to 4 merged visual tokens.
+    # The real min_pixels upsizes 28- and 56-px images to the fewest visual tokens: 4 for Qwen2/2.5-VL (56 x 56 px
+    # of 14-px patches), 64 for Qwen3-VL (256 x 256 px of 16-px patches).
     small, image = random_image(0, (28, 28)), random_image(1, (56, 56))
     grids = embedder.collate([EncodeInput(image=small), EncodeInput(image=image)])["image_grid_thw"]
-    assert grids.tolist() == [[1, 4, 4], [1, 4, 4]]
+    side = real["smallest_grid"]
+    assert grids.tolist() == [[1, side, side], [1, side, side]]
     vectors = embedder.encode(["a photo of a dog", {"image": image}], show_progress=False)
     assert vectors.shape == (2, real["text"]["hidden_size"])
     assert np.isfinite(vectors).all()
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", list(RELEASED))
+def test_full_depth_rebuilds_the_published_parameter_count(size):
+    """At the released depth the shape has exactly the published checkpoint's parameter count (safetensors total):
+    every width, the tying, the vocabulary and the ViT / DeepStack layout are pinned down at once."""
+    hub = REAL_SHAPES[size].hub_config
+    config = real_shape_config(
+        size, hub.get("text_config", hub)["num_hidden_layers"], hub["vision_config"]["depth"]
+    )
+    if "deepstack" in RELEASED[size]:
+        assert config.vision_config.deepstack_visual_indexes == RELEASED[size]["deepstack"][0]
+    with torch.device("meta"):
+        model = ADAPTERS[REAL_SHAPES[size].family].model_class(config)
+    assert sum(p.numel() for p in model.parameters()) == RELEASED[size]["parameters"]
+
+
+@pytest.mark.parametrize(
+    "depth, published, published_depth, blocks",
+    [(1, [8, 16, 24], 27, [0]), (2, [5, 11, 17], 24, [0, 1]), (2, [8, 16, 24], 27, [0, 1]),
+     (12, [5, 11, 17], 24, [2, 5, 8]), (24, [5, 11, 17], 24, [5, 11, 17]), (27, [8, 16, 24], 27, [8, 16, 24])],
+)  # fmt: skip
+def test_deepstack_blocks_scale_the_released_ones(depth, published, published_depth, blocks):
+    assert deepstack_blocks(depth, published, published_depth) == blocks
+    assert all(block < depth for block in blocks)
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from coma.backbones.base import BackboneAdapter
-from coma.backbones.qwen_vl import QWEN2_5_VL, QWEN2_VL
+from coma.backbones.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
 
-ADAPTERS: dict[str, BackboneAdapter] = {adapter.model_type: adapter for adapter in (QWEN2_VL, QWEN2_5_VL)}
+ADAPTERS: dict[str, BackboneAdapter] = {
+    adapter.model_type: adapter for adapter in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)
+}
 FAMILIES = tuple(ADAPTERS)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -1,4 +1,11 @@
-"""Qwen2-VL and Qwen2.5-VL on top of transformers' own classes (no copied modeling code)."""
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL on top of transformers' own classes (no copied modeling code).
+
+The three families share one adapter: the same image block, the same M-RoPE entry point (``get_rope_index`` on the
+inner model) and the same module names. Qwen3-VL's DeepStack (ViT features added to the first LM layers' states
+at the image positions) runs inside its model's forward and needs nothing from coma: it only rewrites image-token
+states, which the dialogue never attends to under the bottleneck, and its mergers sit in ``visual`` (frozen with
+the tower, outside the LoRA regex).
+"""
 
 from __future__ import annotations
 
@@ -15,12 +22,15 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
 )
 
 from coma.backbones.base import BackboneAdapter
 
 QWEN_IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
-# Only the language model's attention projections; the ViT uses `qkv`/`proj` and stays frozen.
+# Only the language model's attention projections; the ViT uses `qkv`/`proj` and stays frozen (Qwen3-VL's q_norm /
+# k_norm and DeepStack mergers do not match either).
 QWEN_LORA_TARGETS = r"(.*\.)?language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
 
 
@@ -39,6 +49,19 @@ class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
 
 class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
     """Qwen2.5-VL processor without the video slot (see :class:`Qwen2VLImageOnlyProcessor`)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=chat_template,
+            **kwargs,
+        )
+
+
+class Qwen3VLImageOnlyProcessor(Qwen3VLProcessor):
+    """Qwen3-VL processor without the video slot (see :class:`Qwen2VLImageOnlyProcessor`)."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(
@@ -122,12 +145,13 @@ class QwenVLAdapter(BackboneAdapter):
 
 @functools.cache
 def _rope_takes_token_types(model_class: type) -> bool:
-    """transformers 5.24 requires mm_token_type_ids in get_rope_index; earlier 5.x releases do not take it."""
+    """Qwen2/2.5-VL's get_rope_index requires mm_token_type_ids from transformers 5.24 on and does not take it
+    before; Qwen3-VL's requires it in every 5.x release."""
     return "mm_token_type_ids" in inspect.signature(model_class.get_rope_index).parameters
 
 
 def _inner_model(model: nn.Module) -> nn.Module:
-    """The ``Qwen2VLModel`` under the LM head, also when wrapped by peft."""
+    """The ``Qwen2VLModel`` (or 2.5 / 3 counterpart) under the LM head, also when wrapped by peft."""
     while not hasattr(model, "get_rope_index"):
         if hasattr(model, "model"):
             model = model.model
@@ -153,4 +177,12 @@ QWEN2_5_VL = QwenVLAdapter(
     lora_target_regex=QWEN_LORA_TARGETS,
     model_class=Qwen2_5_VLForConditionalGeneration,
     processor_class=Qwen2_5_VLImageOnlyProcessor,
+)
+QWEN3_VL = QwenVLAdapter(
+    family="qwen3_vl",
+    model_type="qwen3_vl",
+    image_block=QWEN_IMAGE_BLOCK,
+    lora_target_regex=QWEN_LORA_TARGETS,
+    model_class=Qwen3VLForConditionalGeneration,
+    processor_class=Qwen3VLImageOnlyProcessor,
 )

