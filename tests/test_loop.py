@@ -47,6 +47,12 @@ class ToyTask:
         torch.save(self.module.state_dict(), out_dir / "final.pt")
         return out_dir
 
+    def finish_from_checkpoint(self, checkpoint: Path, out_dir: Path) -> Path:
+        raise AssertionError("only sharded runs finish from a checkpoint")
+
+    def shard_units(self) -> list[torch.nn.Module]:
+        return []
+
 
 def losses(out_dir: Path) -> list[float]:
     lines = (out_dir / "metrics.jsonl").read_text().splitlines()
@@ -86,9 +92,11 @@ def test_cosine_schedule_with_warmup(tmp_path):
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False)) and lrs[-1] < 1e-3
 
 
-def test_resume_with_another_world_size_is_refused(tmp_path):
+def test_resume_on_another_world_size_keeps_the_data_position(tmp_path, capsys):
     train(ToyTask(4), TrainSettings(**SETTINGS), tmp_path, dist_info=DistInfo())
     state_file = latest_checkpoint(tmp_path) / "trainer_state.json"
     state_file.write_text(json.dumps({"step": 4, "world_size": 2}))
-    with pytest.raises(ValueError, match="2 process"):
-        train(ToyTask(4), TrainSettings(**SETTINGS), tmp_path, dist_info=DistInfo(), resume=True)
+    task = ToyTask(6)
+    summary = train(task, TrainSettings(**SETTINGS), tmp_path, dist_info=DistInfo(), resume=True)
+    assert summary["resumed_from"] == 4 and task.position == 6 * 8  # rank 0's position after step 4, then 2 steps
+    assert "written by 2 process(es), resumed on 1" in capsys.readouterr().out

@@ -51,6 +51,10 @@ class BackboneAdapter:
     def vision_tower(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
 
+    def vision_blocks(self, model: nn.Module) -> nn.ModuleList:
+        """The vision tower's transformer blocks (FSDP shards them one by one)."""
+        raise NotImplementedError
+
     def visual_tokens(self, processor: Any, width: int, height: int) -> int:
         """How many tokens a width × height image becomes in the language model, at the processor's pixel bounds."""
         raise NotImplementedError

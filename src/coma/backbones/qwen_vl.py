@@ -130,6 +130,9 @@ class QwenVLAdapter(BackboneAdapter):
     def vision_tower(self, model: nn.Module) -> nn.Module:
         return _inner_model(model).visual
 
+    def vision_blocks(self, model: nn.Module) -> nn.ModuleList:
+        return self.vision_tower(model).blocks
+
     def visual_tokens(self, processor: Any, width: int, height: int) -> int:
         """Visual tokens of a width × height image at the processor's pixel bounds (its own resize rule)."""
         image_processor = processor.image_processor

@@ -27,7 +27,7 @@ def run_stage_command(stage: str, args: argparse.Namespace) -> int:
     overrides = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "resume"})
     config = config_from_args(config_class, overrides, config_file=args.config)
     summary = run_stage(stage, config, resume=args.resume)
-    print(
-        f"{stage}: done in {summary['seconds']:.1f} s, final loss {summary['final_loss']:.4f} -> {summary['output']}"
-    )
+    if summary["rank"] == 0:
+        print(f"{stage}: done in {summary['seconds']:.1f} s, final loss {summary['final_loss']:.4f} -> "
+              f"{summary['output']}")  # fmt: skip
     return 0

@@ -72,7 +72,7 @@ def read_model_folder(path: str | Path) -> ModelFolder:
     if not (path / "config.json").is_file():
         hint = (
             " (a training run: merge it first with `coma merge --model RUN --out DIR`)"
-            if (path / "run_config.json").is_file() or (path / "trainable.safetensors").is_file()
+            if (path / "run_config.json").is_file() or (path / "trainer_state.json").is_file()
             else ""
         )
         raise FileNotFoundError(f"{path} is not a model folder: no config.json{hint}")

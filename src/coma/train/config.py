@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from coma.train.parallel import STRATEGIES
+
 
 @dataclass
 class LoraSettings:
@@ -41,6 +43,13 @@ class TrainSettings:
         default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"}
     )
     attn_implementation: str = "sdpa"
+    strategy: str = field(
+        default="auto",
+        metadata={
+            "help": "ddp, fsdp (FSDP2: shard every decoder layer and vision block) or auto (fsdp under an "
+            "FSDP accelerate config, else ddp)"
+        },
+    )
     device: str | None = None
     show_progress: bool = True
 
@@ -49,5 +58,7 @@ class TrainSettings:
             raise ValueError("global_batch_size and micro_batch_size must be positive")
         if self.scheduler not in ("cosine", "linear", "constant"):
             raise ValueError(f"unknown scheduler {self.scheduler!r}; choose cosine, linear or constant")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype {self.dtype!r}")

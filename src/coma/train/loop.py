@@ -6,7 +6,6 @@ owns everything else.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -14,6 +13,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -30,9 +30,11 @@ from tqdm.auto import tqdm
 
 from coma.io import atomic_open, write_json
 from coma.train.config import TrainSettings
+from coma.train.parallel import Parallel, parallelize, resolve_strategy
 from coma.train.trainable import load_trainable_state, trainable_state
 
 CHECKPOINT_DIR = "checkpoints"
+SHARDED_DIR = "sharded"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -57,6 +59,12 @@ class TrainingTask(Protocol):
 
     def finish(self, out_dir: Path) -> Path:
         """Write the final model (rank 0 only)."""
+
+    def finish_from_checkpoint(self, checkpoint: Path, out_dir: Path) -> Path:
+        """Write the final model from a sharded checkpoint (rank 0 only, after a sharded run)."""
+
+    def shard_units(self) -> list[nn.Module]:
+        """The blocks FSDP shards one by one (decoder layers, vision blocks)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,16 @@ def train(
             write_json(out_dir / "run_config.json", run_config)
     seed_everything(settings.seed)
     module = task.module
+    strategy = resolve_strategy(settings.strategy)
+    parallel = parallelize(
+        module,
+        strategy=strategy,
+        world_size=dist_info.world_size,
+        device=dist_info.device,
+        compute_dtype=resolve_dtype(settings.dtype, dist_info.device),
+        shard_units=task.shard_units,
+    )
+    # After sharding: the optimizer must hold FSDP's sharded parameters.
     parameters = [parameter for parameter in module.parameters() if parameter.requires_grad]
     if not parameters:
         raise ValueError("nothing to train: no parameter requires grad")
@@ -161,16 +179,10 @@ def train(
             if dist_info.is_main:
                 print(f"--resume: no checkpoint under {out_dir / CHECKPOINT_DIR}; starting from step 0")
         else:
-            start_step = load_checkpoint(checkpoint, module, optimizer, scheduler, task, dist_info)
+            start_step = load_checkpoint(checkpoint, parallel, optimizer, scheduler, task, dist_info)
             if dist_info.is_main:
                 print(f"resumed from {checkpoint} (step {start_step})")
     metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=dist_info.is_main, keep_up_to=start_step)
-
-    wrapped = module
-    if dist_info.distributed:
-        device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
-        wrapped = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
-    no_sync = wrapped.no_sync if dist_info.distributed else contextlib.nullcontext
 
     progress = tqdm(total=task.total_steps, initial=start_step, desc=description, unit="step",
                     disable=not (settings.show_progress and dist_info.is_main), dynamic_ncols=True)  # fmt: skip
@@ -181,9 +193,9 @@ def train(
     for step in range(start_step, task.total_steps):
         step_start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        result = task.step(wrapped, no_sync)
+        result = task.step(parallel.model, parallel.no_sync)
         max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+        grad_norm = parallel.clip_grad_norm(parameters, max_norm)
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -206,13 +218,18 @@ def train(
         progress.update(1)
         if (step + 1) % settings.save_every == 0 or step + 1 == task.total_steps:
             save_checkpoint(
-                out_dir, step + 1, module, optimizer, scheduler, task, dist_info, settings.keep_checkpoints
+                out_dir, step + 1, parallel, optimizer, scheduler, task, dist_info, settings.keep_checkpoints
             )
     progress.close()
     metrics.close()
     module.eval()
     final = None
-    if dist_info.is_main:
+    if parallel.sharded:
+        # The merged model needs whole tensors: rank 0 folds the final (sharded) checkpoint into a fresh copy.
+        dist_info.barrier()
+        if dist_info.is_main:
+            final = task.finish_from_checkpoint(latest_checkpoint(out_dir), out_dir)
+    elif dist_info.is_main:
         final = task.finish(out_dir)
     dist_info.barrier()
     summary = {
@@ -222,10 +239,11 @@ def train(
         "final_loss": losses[-1] if losses else None,
         "tokens": tokens_seen,
         "output": str(final) if final else str(out_dir),
+        "strategy": parallel.strategy,
     }
     if dist_info.is_main:
         write_json(out_dir / "train_summary.json", summary)
-    return summary
+    return {**summary, "rank": dist_info.rank}
 
 
 def seed_everything(seed: int) -> None:
@@ -318,36 +336,76 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 def save_checkpoint(
     out_dir: Path,
     step: int,
-    module: nn.Module,
+    parallel: Parallel,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     task: TrainingTask,
     dist_info: DistInfo,
     keep: int,
 ) -> Path:
-    """Write trainable weights, optimizer, scheduler, RNG and data position; visible only once complete."""
+    """Write trainable weights, optimizer, scheduler, RNG and data position; visible only once complete.
+
+    A sharded (FSDP) run writes weights and optimizer state with ``torch.distributed.checkpoint`` under
+    ``sharded/``, every rank its own shards; otherwise rank 0 writes ``trainable.safetensors`` and ``optim.pt``.
+    """
     final = checkpoint_dir(out_dir, step)
     partial = final.with_name(final.name + ".partial")
     if dist_info.is_main:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     dist_info.barrier()
-    # Every rank has its own data position and RNG stream.
+    # Every rank has its own RNG stream (dropout); the data position is the same on every rank.
     torch.save(_rng_state(), partial / f"rng.rank{dist_info.rank}.pt")
     write_json(partial / f"data.rank{dist_info.rank}.json", task.data_state())
+    if parallel.sharded:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(_sharded_state(parallel.model, optimizer), checkpoint_id=str(partial / SHARDED_DIR))
     dist_info.barrier()
     if dist_info.is_main:
-        with open(partial / "trainable.safetensors", "wb") as handle:
-            handle.write(safetensors_bytes(trainable_state(module)))
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, partial / "optim.pt"
+        if parallel.sharded:
+            torch.save({"scheduler": scheduler.state_dict()}, partial / "optim.pt")
+        else:
+            with open(partial / "trainable.safetensors", "wb") as handle:
+                handle.write(safetensors_bytes(trainable_state(task.module)))
+            torch.save(
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                partial / "optim.pt",
+            )
+        write_json(
+            partial / "trainer_state.json",
+            {"step": step, "world_size": dist_info.world_size, "sharded": parallel.sharded},
         )
-        write_json(partial / "trainer_state.json", {"step": step, "world_size": dist_info.world_size})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         _prune_checkpoints(out_dir, keep)
     dist_info.barrier()
     return final
+
+
+def _sharded_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(
+        module, optimizer, options=StateDictOptions(ignore_frozen_params=True)
+    )
+    return {"model": model_state, "optim": optim_state}
+
+
+def load_sharded_trainable(checkpoint: Path, module: nn.Module) -> None:
+    """Load a sharded checkpoint's trainable weights into an unsharded module in this one process."""
+    state = {"model": trainable_state(module)}
+    _dcp_load(state, checkpoint, no_dist=True)
+    load_trainable_state(module, state["model"], source=str(checkpoint))
+
+
+def _dcp_load(state: dict[str, Any], checkpoint: Path, *, no_dist: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        # Reading every shard into one process is the intent of no_dist; DCP warns about it all the same.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(checkpoint / SHARDED_DIR), no_dist=no_dist)
 
 
 def _prune_checkpoints(out_dir: Path, keep: int) -> None:
@@ -359,24 +417,57 @@ def _prune_checkpoints(out_dir: Path, keep: int) -> None:
 
 def load_checkpoint(
     checkpoint: Path,
-    module: nn.Module,
+    parallel: Parallel,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     task: TrainingTask,
     dist_info: DistInfo,
 ) -> int:
+    """Restore a checkpoint; the number of processes may differ (the data position does not depend on it), but
+    then every rank's RNG stream (dropout) is new, so the run is no longer bit-for-bit the uninterrupted one."""
     state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-    if state["world_size"] != dist_info.world_size:
-        raise ValueError(
-            f"{checkpoint} was written by {state['world_size']} process(es); resume with the same number "
-            f"(now {dist_info.world_size})"
-        )
-    load_trainable_state(module, load_file(str(checkpoint / "trainable.safetensors")), source=str(checkpoint))
     optim_state = torch.load(checkpoint / "optim.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(optim_state["optimizer"])
+    if state.get("sharded", False):
+        # DCP reshards on load: into FSDP shards of any size, or whole tensors in a single process.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        sharded_state = _sharded_state(parallel.model, optimizer)
+        _dcp_load(sharded_state, checkpoint, no_dist=not parallel.distributed)
+        set_state_dict(
+            parallel.model,
+            optimizer,
+            model_state_dict=sharded_state["model"],
+            optim_state_dict=sharded_state["optim"],
+            # The frozen weights are not in the checkpoint; DCP has already refused a missing trainable one.
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+        )
+    elif parallel.sharded:
+        raise ValueError(
+            f"{checkpoint} is an unsharded checkpoint and this run is sharded (FSDP); resume it with "
+            f"--strategy ddp or in one process"
+        )
+    else:
+        load_trainable_state(
+            task.module, load_file(str(checkpoint / "trainable.safetensors")), source=str(checkpoint)
+        )
+        optimizer.load_state_dict(optim_state["optimizer"])
     scheduler.load_state_dict(optim_state["scheduler"])
-    task.load_data_state(
-        json.loads((checkpoint / f"data.rank{dist_info.rank}.json").read_text(encoding="utf-8"))
-    )
-    _set_rng_state(torch.load(checkpoint / f"rng.rank{dist_info.rank}.pt", weights_only=True))
-    return int(state["step"])
+    same_ranks = state["world_size"] == dist_info.world_size
+    rank_file = dist_info.rank if same_ranks else 0
+    task.load_data_state(json.loads((checkpoint / f"data.rank{rank_file}.json").read_text(encoding="utf-8")))
+    step = int(state["step"])
+    if same_ranks:
+        _set_rng_state(torch.load(checkpoint / f"rng.rank{dist_info.rank}.pt", weights_only=True))
+    else:
+        seed_everything(hash_seed(step, dist_info.rank))
+        if dist_info.is_main:
+            print(
+                f"{checkpoint} was written by {state['world_size']} process(es), resumed on "
+                f"{dist_info.world_size}: same data order, new per-rank RNG streams (dropout)"
+            )
+    return step
+
+
+def hash_seed(step: int, rank: int) -> int:
+    """A seed per (step, rank) for RNG streams that a checkpoint cannot restore."""
+    return (step * 1_000_003 + rank) % 2**32

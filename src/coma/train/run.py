@@ -10,7 +10,15 @@ from typing import Any
 from safetensors.torch import load_file
 
 from coma.recipes import from_dict, to_dict
-from coma.train.loop import DistInfo, init_distributed, latest_checkpoint, seed_everything, train
+from coma.train.loop import (
+    SHARDED_DIR,
+    DistInfo,
+    init_distributed,
+    latest_checkpoint,
+    load_sharded_trainable,
+    seed_everything,
+    train,
+)
 from coma.train.setup import count_parameters, save_merged
 from coma.train.trainable import load_trainable_state
 
@@ -51,10 +59,10 @@ def run_stage(stage: str, config: Any, resume: bool = False) -> dict[str, Any]:
 def merge_checkpoint(path: str | Path, out: str | Path) -> Path:
     """Write a plain model folder from a training output folder (its newest checkpoint) or one checkpoint."""
     path = Path(path)
-    checkpoint = path if (path / "trainable.safetensors").is_file() else latest_checkpoint(path)
+    checkpoint = path if (path / "trainer_state.json").is_file() else latest_checkpoint(path)
     if checkpoint is None:
         raise FileNotFoundError(
-            f"no checkpoint found at {path} (looked for trainable.safetensors or checkpoints/)"
+            f"no checkpoint found at {path} (looked for trainer_state.json or checkpoints/)"
         )
     run_dir = checkpoint.parent.parent
     run_config_file = run_dir / "run_config.json"
@@ -66,7 +74,10 @@ def merge_checkpoint(path: str | Path, out: str | Path) -> Path:
     config_class, task_class = stage_classes(run_config["stage"])
     config = from_dict(config_class, run_config["config"], source=str(run_config_file))
     task = task_class(config, DistInfo(), with_data=False)
-    load_trainable_state(
-        task.module, load_file(str(checkpoint / "trainable.safetensors")), source=str(checkpoint)
-    )
+    if (checkpoint / SHARDED_DIR).is_dir():
+        load_sharded_trainable(checkpoint, task.module)
+    else:
+        load_trainable_state(
+            task.module, load_file(str(checkpoint / "trainable.safetensors")), source=str(checkpoint)
+        )
     return save_merged(task.embedder, out)

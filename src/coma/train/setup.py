@@ -64,6 +64,15 @@ class StageTask:
     def finish(self, out_dir: Path) -> Path:
         return save_merged(self.embedder, out_dir)
 
+    def finish_from_checkpoint(self, checkpoint: Path, out_dir: Path) -> Path:
+        from coma.train.run import merge_checkpoint
+
+        return merge_checkpoint(checkpoint, out_dir)
+
+    def shard_units(self) -> list[nn.Module]:
+        backbone, adapter = self.embedder.model.backbone, self.embedder.adapter
+        return [*adapter.vision_blocks(backbone), *adapter.decoder_layers(backbone)]
+
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     total = sum(parameter.numel() for parameter in module.parameters())
