@@ -17,6 +17,7 @@ import torch
 from dist_utils import run_distributed
 from safetensors.torch import load_file
 
+from coma import Embedder
 from coma.cli import main
 from coma.data.synth import generate_world
 
@@ -119,7 +120,11 @@ def test_match_fsdp_equals_ddp_with_and_without_grad_cache(tiny_model_dir, world
     }  # fmt: skip
     runs = [match_args(tiny_model_dir, world, tmp_path / f"{strategy}-{name}", "--strategy", strategy, *flags)
             for name, flags in variants.items() for strategy in ("ddp", "fsdp")]  # fmt: skip
+    checkpointed = tmp_path / "fsdp-full-gc-checkpointed"
+    runs.append(match_args(tiny_model_dir, world, checkpointed, "--strategy", "fsdp", "--full",
+                           "--gradient-checkpointing"))  # fmt: skip
     run_distributed(_run_all, 2, tmp_path, runs)
+    assert_same_run(checkpointed, tmp_path / "ddp-full-gc")
     for name in variants:
         assert_same_run(tmp_path / f"fsdp-{name}", tmp_path / f"ddp-{name}")
     # GradCache is exact under FSDP too: the replayed gradients equal the plain step's.
@@ -159,6 +164,30 @@ def test_sharded_run_resumes_exactly_and_on_another_number_of_processes(tiny_mod
     )
     for name, tensor in final.items():
         torch.testing.assert_close(merged[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_fsdp_keeps_bf16_runs_trainable_weights_in_fp32(tiny_model_dir, world, tmp_path):
+    """Under bf16 the trainable shards stay fp32, so an update far below bf16's resolution is kept, not rounded away."""
+    import torch.distributed.checkpoint as dcp
+
+    out = tmp_path / "run"
+    args = compress_args(tiny_model_dir, world, out, "--strategy", "fsdp", "--dtype", "bfloat16", "--full",
+                         "--train.learning-rate", "1e-6", steps=1)  # fmt: skip
+    run_distributed(_run_all, 2, tmp_path, [args])
+    sharded = out / "checkpoints" / "step-0000001" / "sharded"
+    metadata = dcp.FileSystemReader(str(sharded)).read_metadata().state_dict_metadata
+    state = {"model": {name.removeprefix("model."): torch.empty(entry.size, dtype=entry.properties.dtype)
+                       for name, entry in metadata.items() if name.startswith("model.")}}  # fmt: skip
+    dcp.load(state, checkpoint_id=str(sharded), no_dist=True)
+    weights = state["model"]
+    assert weights and all(tensor.dtype == torch.float32 for tensor in weights.values())
+    base = Embedder.from_pretrained(tiny_model_dir, num_tokens=4).model.state_dict()
+    name = next(name for name in weights if name.endswith("layers.0.mlp.up_proj.weight"))
+    before = base[name].to(torch.bfloat16).float()
+    moved = (weights[name] != before).float().mean()
+    assert moved > 0.9, f"only {moved:.0%} of {name} moved"
+    # The same update applied to bf16 weights would have been lost in rounding.
+    assert ((before + (weights[name] - before)).to(torch.bfloat16).float() != before).float().mean() < 0.1
 
 
 def _return_code(rank: int, world_size: int, args: list[str]) -> int:
