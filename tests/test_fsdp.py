@@ -97,10 +97,16 @@ def assert_same_run(run: Path, reference: Path, atol: float = 1e-5) -> None:
         torch.testing.assert_close(merged[name], tensor, rtol=0, atol=atol, msg=name)
 
 
-def test_compress_fsdp_equals_ddp(tiny_model_dir, world, tmp_path):
-    variants = {"lora": [], "full": ["--full"], "full-checkpointed": ["--full", "--gradient-checkpointing"]}
-    runs = [compress_args(tiny_model_dir, world, tmp_path / f"{strategy}-{name}", "--strategy", strategy, *flags)
-            for name, flags in variants.items() for strategy in ("ddp", "fsdp")]  # fmt: skip
+def test_compress_fsdp_equals_ddp(tiny_model_dirs, world, tmp_path):
+    model = tiny_model_dirs["qwen2_vl"]
+    variants = {
+        "lora": (model, []), "full": (model, ["--full"]),
+        "full-checkpointed": (model, ["--full", "--gradient-checkpointing"]),
+        # The other families' vision towers (window attention; DeepStack features) shard the same way.
+        "qwen2_5_vl-lora": (tiny_model_dirs["qwen2_5_vl"], []), "qwen3_vl-lora": (tiny_model_dirs["qwen3_vl"], []),
+    }  # fmt: skip
+    runs = [compress_args(path, world, tmp_path / f"{strategy}-{name}", "--strategy", strategy, *flags)
+            for name, (path, flags) in variants.items() for strategy in ("ddp", "fsdp")]  # fmt: skip
     run_distributed(_run_all, 2, tmp_path, runs)
     for name in variants:
         assert_same_run(tmp_path / f"fsdp-{name}", tmp_path / f"ddp-{name}")
@@ -108,7 +114,7 @@ def test_compress_fsdp_equals_ddp(tiny_model_dir, world, tmp_path):
         assert (checkpoint / "sharded" / ".metadata").is_file()
         assert not (checkpoint / "trainable.safetensors").exists()
     # Training moved the weights (the equality above is not two untouched copies of the base).
-    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    base = load_file(str(model / "model.safetensors"))
     trained = load_file(str(tmp_path / "fsdp-full" / "model.safetensors"))
     assert any(not torch.equal(trained[name], base[name]) for name in base if "layers.0.mlp" in name)
 

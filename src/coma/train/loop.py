@@ -1,4 +1,5 @@
-"""The training loop both stages share: optimizer, schedule, clipping, logging, checkpoints, exact resume, DDP.
+"""The training loop both stages share: optimizer, schedule, clipping, logging, checkpoints, exact resume, and DDP or
+FSDP2 through `coma.train.parallel`.
 
 A stage supplies a :class:`TrainingTask` (data + forward/backward for one global batch + how to finish); this module
 owns everything else.
