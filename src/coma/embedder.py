@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from coma.backbones import load_backbone
 from coma.backbones.base import BackboneAdapter
 from coma.compression import add_compression_tokens, compression_token_ids, embedding_text
 from coma.config import ComaConfig
+from coma.data.batching import budget_batches, image_size
 from coma.data.formats import PlaceholderFixes
 from coma.data.images import load_image, looks_like_image_path
 from coma.io import atomic_open
@@ -28,6 +30,10 @@ from coma.model import EmbeddingModel
 logger = logging.getLogger(__name__)
 POOLER_WEIGHTS = "pooler.safetensors"
 ImageLike = str | os.PathLike | Image.Image
+# Padded tokens per encode batch (rows × longest sequence): 64 images of 256 visual tokens, or 32 of 512. It bounds
+# activation memory; the row cap (batch_size) still applies to short inputs.
+DEFAULT_MAX_BATCH_TOKENS = 16384
+_LENGTH_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -177,10 +183,13 @@ class Embedder:
         batch_size: int = 32,
         show_progress: bool = True,
         image_root: str | os.PathLike | None = None,
+        max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
     ) -> np.ndarray:
         """Embed texts, images, image paths or ``{"text", "image"}`` dicts into an (N, D) float32 array.
 
-        ``instruction`` is put before each input's text (after the image block), as MMEB instructions are.
+        ``instruction`` is put before each input's text (after the image block), as MMEB instructions are. Inputs
+        are batched by cost (:meth:`plan_batches`): at most ``batch_size`` rows and ``max_batch_tokens`` padded
+        tokens per batch (``None``: rows only); the result does not depend on either.
         """
         items = [as_encode_input(item) for item in inputs]
         fixes = PlaceholderFixes(self.config.image_placeholder)
@@ -196,22 +205,76 @@ class Embedder:
             items = [
                 EncodeInput(f"{instruction}\n{it.text}" if it.text else instruction, it.image) for it in items
             ]
-        # Similar inputs together keeps padding small; results are put back in input order.
-        order = sorted(range(len(items)), key=lambda i: (items[i].image is None, len(items[i].text)))
-        self.model.eval()
-        chunks = []
-        for start in tqdm(
-            range(0, len(order), batch_size), desc="encode", unit="batch", disable=not show_progress
-        ):
-            batch = self.collate([items[i] for i in order[start : start + batch_size]], image_root)
-            batch = {key: value.to(self.device) for key, value in batch.items()}
-            chunks.append(self.model(batch).float().cpu())
-        if not chunks:
+        if not items:
             return np.zeros((0, self.model.hidden_size), dtype=np.float32)
-        embeddings = torch.cat(chunks).numpy()
-        result = np.empty_like(embeddings)
-        result[order] = embeddings
+        batches = self.plan_batches(items, batch_size, max_batch_tokens, image_root)
+        self.model.eval()
+        result = None
+        with tqdm(total=len(items), desc="encode", unit="input", disable=not show_progress) as bar:
+            for batch, embeddings in self.encode_batches(items, batches, image_root):
+                if result is None:  # the width depends on the pooling (concat: T × hidden)
+                    result = np.empty((len(items), embeddings.shape[1]), dtype=np.float32)
+                result[batch] = embeddings  # back in input order
+                bar.update(len(batch))
         return result
+
+    def input_lengths(
+        self, items: Sequence[EncodeInput], image_root: str | os.PathLike | None = None
+    ) -> list[int]:
+        """Each input's sequence length as :meth:`collate` makes it (image block, visual tokens, compression
+        tokens), with image sizes read from file headers: the cost of a batch without decoding or processing."""
+        lengths = []
+        for start in range(0, len(items), _LENGTH_CHUNK):  # bounded tokenizer output for huge inputs
+            chunk = items[start : start + _LENGTH_CHUNK]
+            texts = [
+                embedding_text(item.text, item.image is not None, self.config, self.adapter.image_block)
+                for item in chunk
+            ]
+            for item, ids in zip(chunk, self.processor.tokenizer(texts)["input_ids"], strict=True):
+                # The processor expands the image block's one pad token into the image's visual tokens.
+                visual = 0
+                if item.image is not None:
+                    visual = (
+                        self.adapter.visual_tokens(self.processor, *image_size(item.image, image_root)) - 1
+                    )
+                lengths.append(len(ids) + visual)
+        return lengths
+
+    def plan_batches(
+        self,
+        items: Sequence[EncodeInput],
+        batch_size: int = 32,
+        max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+        image_root: str | os.PathLike | None = None,
+    ) -> list[list[int]]:
+        """Indices of ``items`` grouped into batches: sorted by (has image, length), cut under ``max_batch_tokens``
+        padded tokens and ``batch_size`` rows (:func:`coma.data.batching.budget_batches`)."""
+        lengths = self.input_lengths(items, image_root)
+        order = sorted(range(len(items)), key=lambda i: (items[i].image is not None, lengths[i]))
+        return budget_batches(order, lengths, max_batch_tokens, batch_size)
+
+    @torch.inference_mode()
+    def encode_batches(
+        self,
+        items: Sequence[EncodeInput],
+        batches: Sequence[Sequence[int]],
+        image_root: str | os.PathLike | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Iterator[tuple[list[int], np.ndarray]]:
+        """``(batch, its (rows, D) float32 embeddings)`` for each batch of indices into ``items``, in order.
+
+        ``timings`` accumulates seconds spent in ``"collate"`` (image decode and processor) and ``"model"``.
+        """
+        timings = timings if timings is not None else {}
+        for batch in batches:
+            started = time.perf_counter()
+            inputs = self.collate([items[i] for i in batch], image_root)
+            inputs = {key: value.to(self.device) for key, value in inputs.items()}
+            collated = time.perf_counter()
+            embeddings = self.model(inputs).float().cpu().numpy()
+            timings["collate"] = timings.get("collate", 0.0) + collated - started
+            timings["model"] = timings.get("model", 0.0) + time.perf_counter() - collated
+            yield list(batch), embeddings
 
 
 def apply_pixel_bounds(processor: Any, config: ComaConfig) -> None:

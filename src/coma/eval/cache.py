@@ -5,7 +5,9 @@ the weights that changes an embedding: the coma config, dtype, image block, proc
 size). A different model or template therefore reads and writes a different folder, and stale rows cannot be
 found. Inside, each shard is one ``.npz`` with ``keys`` (per-input keys) and ``embeddings`` (float32 rows),
 written to a temporary file and renamed, so a killed run leaves only complete shards behind. Shard names carry
-the writer's rank and a random suffix, so ranks and resumed runs never overwrite one another.
+the writer's rank and a random suffix, so ranks and resumed runs never overwrite one another. ``np.savez`` stores
+members uncompressed, so :meth:`EmbeddingCache.get` memory-maps a shard's rows and reads only the rows it is asked
+for: scoring one dataset at a time never loads the whole benchmark's embeddings.
 
 **Model fingerprint.** We hash the weights the embedder actually holds (every ``state_dict`` tensor: name, dtype,
 shape and all bytes, SHA-256) plus the backbone config, rather than the files of the model folder. This covers
@@ -24,7 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import uuid
+import zipfile
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -68,6 +72,35 @@ def input_key(text: str, image: str, image_stat: tuple[int, int] | None) -> str:
     """Key of one (formatted text, image path) input; ``image_stat`` is the file's (size, mtime_ns)."""
     payload = json.dumps([text, image, list(image_stat) if image_stat else None], ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()[: 2 * _KEY_BYTES]
+
+
+def _stored_member_memmap(archive_path: Path, member: str) -> np.memmap | None:
+    """A memory map of an ``.npy`` member stored uncompressed in a zip (what ``np.savez`` writes), or None."""
+    with zipfile.ZipFile(archive_path) as archive:
+        info = archive.getinfo(member)
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # compressed or encrypted
+        return None
+    with open(archive_path, "rb") as handle:
+        # The data follows the local file header, whose extra field may differ from the central directory's.
+        handle.seek(info.header_offset)
+        local = handle.read(30)
+        if local[:4] != b"PK\x03\x04":
+            return None
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        handle.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(handle)
+        if version not in ((1, 0), (2, 0)):
+            return None
+        read_header = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read_header(handle)
+        offset = handle.tell()
+    if dtype.hasobject or 0 in shape:
+        return None
+    return np.memmap(
+        archive_path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C"
+    )
 
 
 def cache_digest(fingerprint: str, template: dict[str, Any]) -> str:
@@ -163,12 +196,21 @@ class EmbeddingCache:
             by_shard.setdefault(shard, []).append((position, row))
         result: np.ndarray | None = None
         for shard, pairs in by_shard.items():
-            rows = self._read(shard)["embeddings"]
+            rows = self._embeddings(shard)
             if result is None:
                 result = np.empty((len(keys), rows.shape[1]), dtype=np.float32)
             positions, indices = (np.array(column) for column in zip(*pairs, strict=True))
             result[positions] = rows[indices]
         return result if result is not None else np.zeros((0, 0), dtype=np.float32)
+
+    @classmethod
+    def _embeddings(cls, shard: Path) -> np.ndarray:
+        """A shard's embedding rows, memory-mapped when possible, else read whole."""
+        try:
+            rows = _stored_member_memmap(shard, "embeddings.npy")
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, struct.error):
+            rows = None  # _read names the shard in its error
+        return rows if rows is not None else cls._read(shard)["embeddings"]
 
     @staticmethod
     def _read(shard: Path, *names: str) -> dict[str, np.ndarray]:

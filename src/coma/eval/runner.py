@@ -2,8 +2,10 @@
 
 Phases: *reading* collects every query and candidate of every dataset as a (formatted text, image path) input and
 interns it, so an input shared by queries, candidates or datasets gets one id; *encoding* embeds the ids the cache
-lacks, sorted by (has image, text length) so batches pad little, split across ranks under ``torchrun``; *scoring*
-ranks each query's own candidates by dot product and aggregates P@1 per dataset, meta-task, split and overall.
+lacks, split across ranks under ``torchrun`` and batched by cost (sequence length with visual tokens, under a padded
+token budget: :meth:`Embedder.plan_batches`); *scoring* reads each dataset's embeddings from the cache in turn (never
+the whole benchmark's at once), ranks each query's own candidates by dot product and aggregates P@1 per dataset,
+meta-task, split and overall.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from coma.data.formats import (
     read_mmeb_eval_dataset,
 )
 from coma.data.images import ImageLoadError, resolve_image_path
-from coma.embedder import Embedder, EncodeInput
+from coma.embedder import DEFAULT_MAX_BATCH_TOKENS, Embedder, EncodeInput
 from coma.eval.cache import EmbeddingCache, input_key, model_fingerprint
 from coma.eval.formatting import query_texts
 from coma.eval.metrics import aggregate, mrr, precision_at_1, recall_at_k
@@ -205,7 +207,8 @@ def collect_inputs(
 
 
 def encoding_order(inputs: Sequence[EvalInput]) -> list[int]:
-    """Ids sorted by modality then text length (ties by content, so every rank computes the same order)."""
+    """Ids sorted by modality then text length (ties by content, so every rank computes the same order); ranks take
+    strided shares of it, which needs no image header and gives each a similar mix."""
     return sorted(
         range(len(inputs)),
         key=lambda i: (inputs[i].image != "", len(inputs[i].text), inputs[i].text, inputs[i].image),
@@ -222,28 +225,31 @@ def encode_missing(
     rank: int = 0,
     world_size: int = 1,
     show_progress: bool = True,
+    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+    timings: dict[str, float] | None = None,
 ) -> int:
-    """Encode this rank's share (strided over the sorted ids) of the inputs the cache lacks; returns how many."""
+    """Encode this rank's share (strided over the sorted ids) of the inputs the cache lacks; returns how many.
+
+    Batches hold at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens; ``timings`` accumulates the
+    seconds of ``"plan"`` (lengths from tokenizer and image headers), ``"collate"`` and ``"model"``.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    timings = timings if timings is not None else {}
     # Striding the full order (not the missing ids) keeps the split independent of what other ranks have written.
     mine = [i for i in encoding_order(collected.inputs)[rank::world_size] if collected.keys[i] not in cache]
+    items = [EncodeInput(collected.inputs[i].text, collected.inputs[i].image or None) for i in mine]
+    started = time.perf_counter()
+    batches = embedder.plan_batches(items, batch_size, max_batch_tokens, image_root)
+    timings["plan"] = timings.get("plan", 0.0) + time.perf_counter() - started
     # Evaluation may run in the middle of training (the demo does): restore the mode afterwards.
     was_training = embedder.model.training
     embedder.model.eval()
     try:
         with tqdm(total=len(mine), desc="encoding", unit="input", disable=not show_progress) as bar:
-            for start in range(0, len(mine), batch_size):
-                chunk = mine[start : start + batch_size]
-                items = [
-                    EncodeInput(collected.inputs[i].text, collected.inputs[i].image or None) for i in chunk
-                ]
-                batch = {
-                    key: value.to(embedder.device)
-                    for key, value in embedder.collate(items, image_root).items()
-                }
-                cache.add([collected.keys[i] for i in chunk], embedder.model(batch).float().cpu().numpy())
-                bar.update(len(chunk))
+            for batch, embeddings in embedder.encode_batches(items, batches, image_root, timings):
+                cache.add([collected.keys[mine[j]] for j in batch], embeddings)
+                bar.update(len(batch))
         cache.flush()
     finally:
         embedder.model.train(was_training)
@@ -278,6 +284,23 @@ def score_dataset(embeddings: np.ndarray, dataset: DatasetInputs) -> dict[str, A
         "format_rule": dataset.spec.format_rule.version,
         "n": len(rows),
     }
+
+
+def score_datasets(
+    cache: EmbeddingCache, collected: CollectedInputs, show_progress: bool = True
+) -> dict[str, dict[str, Any]]:
+    """:func:`score_dataset` of every dataset, each from its own rows read from the cache: memory holds one
+    dataset's embeddings at a time, not the benchmark's."""
+    per_dataset = {}
+    for dataset in tqdm(collected.datasets, desc="scoring", unit="dataset", disable=not show_progress):
+        ids = np.unique(np.concatenate([dataset.queries, *dataset.candidates]))
+        embeddings = cache.get([collected.keys[i] for i in ids])
+        # Renumber into the dataset's rows; equal ids stay equal, so ties are scored exactly as before.
+        local = replace(dataset, queries=np.searchsorted(ids, dataset.queries),
+                        candidates=[np.searchsorted(ids, c) for c in dataset.candidates])  # fmt: skip
+        per_dataset[dataset.spec.name] = score_dataset(embeddings, local)
+        del embeddings  # before the next dataset's rows arrive: one dataset in memory at a time
+    return per_dataset
 
 
 def template_settings(embedder: Embedder) -> dict[str, Any]:
@@ -380,6 +403,7 @@ def evaluate(
     cache_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
     *,
+    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
     limit: int | None = None,
     flush_every: int = 8,
     model_path: str | os.PathLike | None = None,
@@ -389,7 +413,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate ``embedder`` on the benchmark under ``data_dir`` and write ``scores.{json,md,png}`` to ``out_dir``.
 
-    Returns the scores dict (every rank gets it under ``torchrun``; only rank 0 writes the reports). ``limit``
+    Returns the scores dict (every rank gets it under ``torchrun``; only rank 0 writes the reports). Encode batches
+    hold at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens (``None``: rows only). ``limit``
     keeps the first queries of each dataset; ``flush_every`` is how many encoded batches go into one cache shard;
     ``model_path`` is only recorded in the settings. Every row is checked before encoding; ``skip_bad`` leaves out
     (and counts) queries whose row or images are bad instead of stopping. Dataset folders under ``data_dir`` that
@@ -418,19 +443,15 @@ def evaluate(
     # Every rank has read the cache before any rank writes to it, so n_missing agrees across ranks.
     _barrier(world_size)
     encode_started = time.perf_counter()
-    encode_missing(
-        embedder, collected, cache, image_root, batch_size, rank, world_size, show_progress=progress
-    )
+    timings: dict[str, float] = {}
+    encode_missing(embedder, collected, cache, image_root, batch_size, rank, world_size, show_progress=progress,
+                   max_batch_tokens=max_batch_tokens, timings=timings)  # fmt: skip
     encode_seconds = time.perf_counter() - encode_started
     _barrier(world_size)
     scores: dict[str, Any] = {}
     if rank == 0:
         cache.refresh()
-        embeddings = cache.get(collected.keys)
-        per_dataset = {
-            dataset.spec.name: score_dataset(embeddings, dataset)
-            for dataset in tqdm(collected.datasets, desc="scoring", unit="dataset", disable=not progress)
-        }
+        per_dataset = score_datasets(cache, collected, show_progress=progress)
         config = embedder.config
         settings = {
             "pooling": config.pooling,
@@ -447,12 +468,16 @@ def evaluate(
             "data_dir": str(data_dir),
             "limit": limit,
             "batch_size": batch_size,
+            "max_batch_tokens": max_batch_tokens,
             "world_size": world_size,
             "n_inputs": collected.n_total,
             "n_unique_inputs": len(collected.inputs),
             "n_encoded": n_missing,
             "n_cached": len(collected.inputs) - n_missing,
             "encode_seconds": round(encode_seconds, 3),
+            # Rank 0's split of its encode time: data preparation (plan + collate) against the model.
+            "prepare_seconds": round(timings.get("plan", 0.0) + timings.get("collate", 0.0), 3),
+            "model_seconds": round(timings.get("model", 0.0), 3),
             "seconds": round(time.perf_counter() - started, 3),
             "cache": str(cache.folder),
         }
