@@ -18,21 +18,20 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from coma.backbones import load_backbone
+from coma.backbones.attention import resolve_attention, transformers_attn_implementation
 from coma.backbones.base import BackboneAdapter
 from coma.compression import add_compression_tokens, compression_token_ids, embedding_text
 from coma.config import ComaConfig
-from coma.data.batching import budget_batches, image_size
+from coma.data.batching import DEFAULT_MAX_BATCH_TOKENS, budget_batches, image_size
 from coma.data.formats import PlaceholderFixes
-from coma.data.images import load_image, looks_like_image_path
+from coma.data.images import looks_like_image_path
+from coma.data.pipeline import BatchPipeline, EncodeCollator, to_device
 from coma.io import atomic_open
 from coma.model import EmbeddingModel
 
 logger = logging.getLogger(__name__)
 POOLER_WEIGHTS = "pooler.safetensors"
 ImageLike = str | os.PathLike | Image.Image
-# Padded tokens per encode batch (rows × longest sequence): 64 images of 256 visual tokens, or 32 of 512. It bounds
-# activation memory; the row cap (batch_size) still applies to short inputs.
-DEFAULT_MAX_BATCH_TOKENS = 16384
 _LENGTH_CHUNK = 4096
 
 
@@ -104,20 +103,26 @@ class Embedder:
         max_pixels: int | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
-        attn_implementation: str = "sdpa",
+        attn_implementation: str = "auto",
+        vision_attn_implementation: str = "auto",
         trust_remote_code: bool = False,
     ) -> Embedder:
         """Load a coma model folder, or a plain VLM (folder or hub id) to which compression tokens are added.
 
         A folder with a saved coma config keeps its T; asking for a different ``num_tokens`` is an error.
+        ``auto`` attention is flash_attention_2 on CUDA where flash-attn is installed, else SDPA (encoding passes
+        only padding masks); the vision tower's implementation can differ from the language model's.
         """
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        text, vision = resolve_attention(
+            attn_implementation, vision_attn_implementation, device=device, four_d_mask=False
+        )
         backbone, processor, adapter = load_backbone(
             name_or_path,
             dtype=dtype,
-            attn_implementation=attn_implementation,
+            attn_implementation=transformers_attn_implementation(text, vision),
             trust_remote_code=trust_remote_code,
         )
         folder = Path(name_or_path)
@@ -159,21 +164,7 @@ class Embedder:
 
     def collate(self, items: Sequence[EncodeInput], image_root: str | os.PathLike | None = None) -> dict:
         """Processor batch for a list of inputs (text formatted with the image block and compression tokens)."""
-        texts, images = [], []
-        for item in items:
-            texts.append(
-                embedding_text(item.text, item.image is not None, self.config, self.adapter.image_block)
-            )
-            if item.image is not None:
-                images.append(load_image(item.image, image_root))
-        batch = self.processor(
-            text=texts,
-            images=images or None,
-            return_tensors="pt",
-            padding=True,
-            padding_side=self.padding_side,
-        )
-        return dict(batch)
+        return EncodeCollator.from_embedder(self, image_root).collate(items)
 
     @torch.inference_mode()
     def encode(
@@ -184,12 +175,14 @@ class Embedder:
         show_progress: bool = True,
         image_root: str | os.PathLike | None = None,
         max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+        num_workers: int = 0,
     ) -> np.ndarray:
         """Embed texts, images, image paths or ``{"text", "image"}`` dicts into an (N, D) float32 array.
 
         ``instruction`` is put before each input's text (after the image block), as MMEB instructions are. Inputs
         are batched by cost (:meth:`plan_batches`): at most ``batch_size`` rows and ``max_batch_tokens`` padded
-        tokens per batch (``None``: rows only); the result does not depend on either.
+        tokens per batch (``None``: rows only); the result does not depend on either. ``num_workers`` processes
+        prepare batches ahead of the model (0: in this process).
         """
         items = [as_encode_input(item) for item in inputs]
         fixes = PlaceholderFixes(self.config.image_placeholder)
@@ -211,7 +204,7 @@ class Embedder:
         self.model.eval()
         result = None
         with tqdm(total=len(items), desc="encode", unit="input", disable=not show_progress) as bar:
-            for batch, embeddings in self.encode_batches(items, batches, image_root):
+            for batch, embeddings in self.encode_batches(items, batches, image_root, num_workers=num_workers):
                 if result is None:  # the width depends on the pooling (concat: T × hidden)
                     result = np.empty((len(items), embeddings.shape[1]), dtype=np.float32)
                 result[batch] = embeddings  # back in input order
@@ -260,21 +253,31 @@ class Embedder:
         batches: Sequence[Sequence[int]],
         image_root: str | os.PathLike | None = None,
         timings: dict[str, float] | None = None,
+        num_workers: int = 0,
     ) -> Iterator[tuple[list[int], np.ndarray]]:
         """``(batch, its (rows, D) float32 embeddings)`` for each batch of indices into ``items``, in order.
 
-        ``timings`` accumulates seconds spent in ``"collate"`` (image decode and processor) and ``"model"``.
+        ``num_workers`` > 0 decodes images and runs the processor in that many DataLoader worker processes, ahead of
+        the model (:class:`coma.data.pipeline.BatchPipeline`); 0 collates in this process. ``timings`` accumulates
+        seconds spent waiting for a collated batch (``"collate"``) and in the model (``"model"``).
         """
         timings = timings if timings is not None else {}
-        for batch in batches:
-            started = time.perf_counter()
-            inputs = self.collate([items[i] for i in batch], image_root)
-            inputs = {key: value.to(self.device) for key, value in inputs.items()}
-            collated = time.perf_counter()
-            embeddings = self.model(inputs).float().cpu().numpy()
-            timings["collate"] = timings.get("collate", 0.0) + collated - started
-            timings["model"] = timings.get("model", 0.0) + time.perf_counter() - collated
-            yield list(batch), embeddings
+        jobs = ([items[i] for i in batch] for batch in batches)
+        if num_workers > 0:
+            prepared = BatchPipeline(EncodeCollator.from_embedder(self, image_root), num_workers)(jobs)
+        else:
+            prepared = (self.collate(job, image_root) for job in jobs)
+        try:
+            for batch in batches:
+                started = time.perf_counter()
+                inputs = to_device(next(prepared), self.device)
+                collated = time.perf_counter()
+                embeddings = self.model(inputs).float().cpu().numpy()
+                timings["collate"] = timings.get("collate", 0.0) + collated - started
+                timings["model"] = timings.get("model", 0.0) + time.perf_counter() - collated
+                yield list(batch), embeddings
+        finally:
+            prepared.close()  # stops the workers when the consumer stops early
 
 
 def apply_pixel_bounds(processor: Any, config: ComaConfig) -> None:

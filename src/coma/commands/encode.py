@@ -25,10 +25,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="output .npy file (N × D float32, L2-normalised); for a folder, OUT.paths.txt lists the rows' images",
     )
     parser.add_argument("--instruction", default=None, help="instruction put before every input's text")
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_batching_arguments(parser)
     parser.add_argument("--pooling", default=None, help="override the model's pooling")
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-progress", action="store_true")
+
+
+def add_batching_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--batch-size``, ``--max-batch-tokens`` and ``--num-workers``, shared by ``coma encode`` and ``coma eval``."""
+    from coma.data.batching import DEFAULT_MAX_BATCH_TOKENS
+
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per batch at most (default: 32)")
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=DEFAULT_MAX_BATCH_TOKENS,
+        help="padded tokens (rows × longest sequence, visual tokens included) per batch at most; inputs are grouped "
+        f"by length under it, an input longer than it goes alone; 0: rows only (default: {DEFAULT_MAX_BATCH_TOKENS})",
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="processes that decode images and run the processor ahead of the model; 0: in the main process "
+        "(default: the CPUs per local rank less one, at most 8)",
+    )
+
+
+def batching_options(args: argparse.Namespace) -> dict:
+    """``Embedder.encode`` / ``evaluate`` keywords from :func:`add_batching_arguments`'s flags."""
+    from coma.data.pipeline import resolve_num_workers
+
+    if args.max_batch_tokens < 0:
+        raise ValueError(f"--max-batch-tokens must be >= 0, got {args.max_batch_tokens}")
+    return {
+        "batch_size": args.batch_size,
+        "max_batch_tokens": args.max_batch_tokens or None,
+        "num_workers": resolve_num_workers(args.num_workers),
+    }
 
 
 def read_encode_inputs(path: Path, placeholder: str = "<|image_1|>") -> list:
@@ -68,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from coma.io import atomic_open
 
     path = Path(args.input)
+    options = batching_options(args)
     embedder = Embedder.from_pretrained(args.model, pooling=args.pooling, device=args.device)
     images = None
     if path.is_dir():
@@ -80,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise FileNotFoundError(f"input file not found: {path}")
     embeddings = embedder.encode(
-        items, instruction=args.instruction, batch_size=args.batch_size, show_progress=not args.no_progress
+        items, instruction=args.instruction, show_progress=not args.no_progress, **options
     )
     with atomic_open(args.out, "wb") as handle:
         np.save(handle, embeddings)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from coma.commands.encode import add_batching_arguments, batching_options
 from coma.eval.registry import FORMAT_RULES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--datasets", default=None, help="comma-separated dataset names (default: all present)"
     )
-    parser.add_argument("--batch-size", type=int, default=32)
+    add_batching_arguments(parser)
     parser.add_argument("--cache-dir", default=None, help="embedding cache folder (default: OUT/cache)")
     parser.add_argument(
         "--limit", type=int, default=None, help="evaluate only the first N queries of each dataset"
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from coma.eval.report import markdown_report
     from coma.eval.runner import evaluate, prepare_benchmark
 
+    options = batching_options(args)
     device, joined = _init_distributed(args.device)
     image_root = args.image_root if args.image_root is not None else args.data
     datasets = [name.strip() for name in args.datasets.split(",") if name.strip()] if args.datasets else None
@@ -129,13 +131,13 @@ def run(args: argparse.Namespace) -> int:
             image_root,
             args.out,
             datasets=datasets,
-            batch_size=args.batch_size,
             cache_dir=args.cache_dir,
             show_progress=not args.no_progress,
             limit=args.limit,
             model_path=args.model,
             skip_bad=args.skip_bad,
             prepared=prepared,
+            **options,
         )
     finally:
         if joined:

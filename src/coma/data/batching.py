@@ -15,6 +15,10 @@ from PIL import Image
 
 from coma.data.images import load_image, resolve_image_path
 
+# Padded tokens per encode batch (rows × longest sequence): 64 images of 256 visual tokens, or 32 of 512. It bounds
+# activation memory; the row cap (batch_size) still applies to short inputs.
+DEFAULT_MAX_BATCH_TOKENS = 16384
+
 
 def image_size(
     source: str | os.PathLike | Image.Image, root: str | os.PathLike | None = None
@@ -67,4 +71,4 @@ def budget_batches(
     return batches
 
 
-__all__ = ["budget_batches", "image_size", "padded_cost"]
+__all__ = ["DEFAULT_MAX_BATCH_TOKENS", "budget_batches", "image_size", "padded_cost"]

@@ -227,11 +227,13 @@ def encode_missing(
     show_progress: bool = True,
     max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
     timings: dict[str, float] | None = None,
+    num_workers: int = 0,
 ) -> int:
     """Encode this rank's share (strided over the sorted ids) of the inputs the cache lacks; returns how many.
 
-    Batches hold at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens; ``timings`` accumulates the
-    seconds of ``"plan"`` (lengths from tokenizer and image headers), ``"collate"`` and ``"model"``.
+    Batches hold at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens and are collated by
+    ``num_workers`` processes (0: in this one); ``timings`` accumulates the seconds of ``"plan"`` (lengths from
+    tokenizer and image headers), ``"collate"`` (waiting for a collated batch) and ``"model"``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -247,7 +249,9 @@ def encode_missing(
     embedder.model.eval()
     try:
         with tqdm(total=len(mine), desc="encoding", unit="input", disable=not show_progress) as bar:
-            for batch, embeddings in embedder.encode_batches(items, batches, image_root, timings):
+            for batch, embeddings in embedder.encode_batches(
+                items, batches, image_root, timings, num_workers
+            ):
                 cache.add([collected.keys[mine[j]] for j in batch], embeddings)
                 bar.update(len(batch))
         cache.flush()
@@ -404,6 +408,7 @@ def evaluate(
     show_progress: bool = True,
     *,
     max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
+    num_workers: int = 0,
     limit: int | None = None,
     flush_every: int = 8,
     model_path: str | os.PathLike | None = None,
@@ -414,7 +419,8 @@ def evaluate(
     """Evaluate ``embedder`` on the benchmark under ``data_dir`` and write ``scores.{json,md,png}`` to ``out_dir``.
 
     Returns the scores dict (every rank gets it under ``torchrun``; only rank 0 writes the reports). Encode batches
-    hold at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens (``None``: rows only). ``limit``
+    hold at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens (``None``: rows only), collated by
+    ``num_workers`` DataLoader worker processes (0: in this process). ``limit``
     keeps the first queries of each dataset; ``flush_every`` is how many encoded batches go into one cache shard;
     ``model_path`` is only recorded in the settings. Every row is checked before encoding; ``skip_bad`` leaves out
     (and counts) queries whose row or images are bad instead of stopping. Dataset folders under ``data_dir`` that
@@ -445,7 +451,7 @@ def evaluate(
     encode_started = time.perf_counter()
     timings: dict[str, float] = {}
     encode_missing(embedder, collected, cache, image_root, batch_size, rank, world_size, show_progress=progress,
-                   max_batch_tokens=max_batch_tokens, timings=timings)  # fmt: skip
+                   max_batch_tokens=max_batch_tokens, timings=timings, num_workers=num_workers)  # fmt: skip
     encode_seconds = time.perf_counter() - encode_started
     _barrier(world_size)
     scores: dict[str, Any] = {}
@@ -469,6 +475,7 @@ def evaluate(
             "limit": limit,
             "batch_size": batch_size,
             "max_batch_tokens": max_batch_tokens,
+            "num_workers": num_workers,
             "world_size": world_size,
             "n_inputs": collected.n_total,
             "n_unique_inputs": len(collected.inputs),
