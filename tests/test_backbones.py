@@ -39,15 +39,18 @@ def test_reload_gives_identical_hidden_states(tiny_model_dirs, family):
     torch.testing.assert_close(first, again, rtol=0, atol=0)
 
 
-def test_lora_regex_targets_language_model_only(tiny_model_dir):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_regex_targets_language_model_only(tiny_model_dirs, family):
     import re
 
-    model, _, adapter = load_backbone(tiny_model_dir)
+    model, _, adapter = load_backbone(tiny_model_dirs[family])
     names = [name for name, _ in model.named_modules()]
     hits = [name for name in names if re.fullmatch(adapter.lora_target_regex, name)]
     assert hits and all("language_model" in name for name in hits)
     assert len(hits) == 4 * model.config.text_config.num_hidden_layers
-    assert not any("visual" in name for name in hits)
+    assert {name.rsplit(".", 1)[1] for name in hits} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    # Not the ViT (qkv / proj), nor Qwen3-VL's q_norm / k_norm or its DeepStack mergers.
+    assert not any("visual" in name or name.endswith("_norm") for name in hits)
 
 
 def test_qwen_tokenizer_matches_real_special_ids(tmp_path):
@@ -61,12 +64,13 @@ def test_qwen_tokenizer_matches_real_special_ids(tmp_path):
     assert tokenizer.encode("Hello") == [9707]
 
 
-def test_position_ids_handle_left_padding(tiny_model_dir):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_position_ids_handle_left_padding(tiny_model_dirs, family):
     from helpers import random_image
 
     from coma.embedder import Embedder, EncodeInput
 
-    embedder = Embedder.from_pretrained(tiny_model_dir)
+    embedder = Embedder.from_pretrained(tiny_model_dirs[family])
     items = [EncodeInput("short", random_image(0)), EncodeInput("a somewhat longer text input here")]
     right = embedder.collate(items)
     embedder.padding_side = "left"

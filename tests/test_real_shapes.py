@@ -214,6 +214,22 @@ def test_contradicting_flags_are_errors(tmp_path, capsys, flags, message):
     assert not out.exists()
 
 
+def test_help_lists_every_family_and_real_shape(capsys):
+    with pytest.raises(SystemExit):
+        main(["init-model", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "{qwen2_vl,qwen2_5_vl,qwen3_vl}" in help_text
+    assert "{tiny,small,qwen2-vl-2b,qwen2.5-vl-3b,qwen2.5-vl-7b,qwen3-vl-2b,qwen3-vl-8b}" in help_text
+    assert "qwen3-vl-8b: Qwen/Qwen3-VL-8B-Instruct's widths" in help_text
+
+
+def test_a_qwen3_shape_implies_its_family(tmp_path, capsys):
+    out = tmp_path / "model"
+    assert main(["init-model", "--size", "qwen3-vl-2b", "--family", "qwen2_5_vl", "--out", str(out)]) == 1
+    assert "is a qwen3_vl model (Qwen/Qwen3-VL-2B-Instruct), not qwen2_5_vl" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_depth_flags_override_a_tiny_spec(tmp_path):
     out = tmp_path / "model"
     argv = ["init-model", "--size", "tiny", "--family", "qwen2_5_vl", "--layers", "3", "--vision-layers", "1"]

