@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from coma.backbones.base import BackboneAdapter
+from coma.backbones.base import BackboneAdapter, VisionCache
 from coma.config import ComaConfig
 from coma.pooling import Pooler, compression_states
 
@@ -27,7 +27,10 @@ class EmbeddingModel(nn.Module):
     def hidden_size(self) -> int:
         return self.backbone.get_input_embeddings().embedding_dim
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.adapter.hidden_states(self.backbone, batch)
+    def forward(
+        self, batch: dict[str, torch.Tensor], vision_cache: VisionCache | None = None
+    ) -> torch.Tensor:
+        """``vision_cache``: reuse a frozen vision tower's output across forwards of one batch (GradCache's replay)."""
+        hidden = self.adapter.hidden_states(self.backbone, batch, vision_cache=vision_cache)
         states = compression_states(hidden, batch["input_ids"], self.token_ids)
         return self.pooler(states.float())

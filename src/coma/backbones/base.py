@@ -9,6 +9,16 @@ import torch
 from torch import nn
 
 
+class VisionCache:
+    """The vision tower's output for one batch: filled by the first forward that receives it, reused by later forwards
+    of the same batch (GradCache's replay) instead of running a *frozen* tower again. Use one per batch."""
+
+    __slots__ = ("features",)
+
+    def __init__(self) -> None:
+        self.features: Any = None
+
+
 @dataclass(frozen=True)
 class BackboneAdapter:
     """Glue between coma and one family of transformers VLMs.
@@ -41,8 +51,13 @@ class BackboneAdapter:
         model: nn.Module,
         batch: dict[str, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
+        vision_cache: VisionCache | None = None,
     ) -> torch.Tensor:
-        """Last-layer hidden states (B, L, D); ``attention_mask`` may be a 4-D additive mask."""
+        """Last-layer hidden states (B, L, D); ``attention_mask`` may be a 4-D additive mask.
+
+        With ``vision_cache`` the image features are computed once without grad and reused from the cache afterwards:
+        only for a frozen vision tower, whose output does not depend on the grad mode.
+        """
         raise NotImplementedError
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:

@@ -9,6 +9,7 @@ the tower, outside the LoRA regex).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
@@ -26,7 +27,7 @@ from transformers import (
     Qwen3VLProcessor,
 )
 
-from coma.backbones.base import BackboneAdapter
+from coma.backbones.base import BackboneAdapter, VisionCache
 
 QWEN_IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 # Only the language model's attention projections; the ViT uses `qkv`/`proj` and stays frozen (Qwen3-VL's q_norm /
@@ -109,6 +110,7 @@ class QwenVLAdapter(BackboneAdapter):
         model: nn.Module,
         batch: dict[str, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
+        vision_cache: VisionCache | None = None,
     ) -> torch.Tensor:
         inputs = {
             key: batch[key]
@@ -119,10 +121,37 @@ class QwenVLAdapter(BackboneAdapter):
         if position_ids is None:
             position_ids = self.position_ids(model, batch)
         mask = batch["attention_mask"] if attention_mask is None else attention_mask
-        output = _inner_model(model)(
-            **inputs, attention_mask=mask, position_ids=position_ids, use_cache=False
-        )
+        inner = _inner_model(model)
+        with contextlib.ExitStack() as stack:
+            if vision_cache is not None and "pixel_values" in inputs:
+                inputs = self._reuse_image_features(inner, inputs, vision_cache, stack)
+            output = inner(**inputs, attention_mask=mask, position_ids=position_ids, use_cache=False)
         return output.last_hidden_state
+
+    @staticmethod
+    def _reuse_image_features(
+        inner: nn.Module, inputs: dict[str, torch.Tensor], cache: VisionCache, stack: contextlib.ExitStack
+    ) -> dict[str, Any]:
+        """``inputs`` for a forward that takes the image features (and Qwen3-VL's DeepStack features) from ``cache``,
+        filling it first."""
+        if cache.features is None:
+            with torch.no_grad():
+                output = inner.get_image_features(
+                    inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True
+                )
+            # Only what the language model consumes: the tower's pre-merge states would only hold memory.
+            kept = {"pooler_output": output.pooler_output}
+            if getattr(output, "deepstack_features", None) is not None:
+                kept["deepstack_features"] = output.deepstack_features
+            cache.features = type(output)(**kept)
+        if _forward_takes_encoder_outputs(type(inner)):
+            # transformers >= 5.24: the forward accepts precomputed encoder outputs in place of pixel_values.
+            inputs = {key: value for key, value in inputs.items() if key != "pixel_values"}
+            return {**inputs, "mm_encoder_outputs": {"image": cache.features}}
+        # Earlier 5.x forwards call self.get_image_features(pixel_values, ...) when given pixels: answer from the cache.
+        inner.get_image_features = lambda *args, **kwargs: cache.features
+        stack.callback(delattr, inner, "get_image_features")
+        return inputs
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return _inner_model(model).language_model.layers
@@ -151,6 +180,11 @@ def _rope_takes_token_types(model_class: type) -> bool:
     """Qwen2/2.5-VL's get_rope_index requires mm_token_type_ids from transformers 5.24 on and does not take it
     before; Qwen3-VL's requires it in every 5.x release."""
     return "mm_token_type_ids" in inspect.signature(model_class.get_rope_index).parameters
+
+
+@functools.cache
+def _forward_takes_encoder_outputs(model_class: type) -> bool:
+    return "mm_encoder_outputs" in inspect.signature(model_class.forward).parameters
 
 
 def _inner_model(model: nn.Module) -> nn.Module:

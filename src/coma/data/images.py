@@ -163,7 +163,7 @@ def looks_like_image_path(text: str) -> bool:
 class DecodedImageCache:
     """Decoded RGB images by path, least recently used first out, bounded by their pixel bytes.
 
-    Multi-epoch training (and GradCache's second collation) draws the same files again and again; each is decoded
+    Multi-epoch training draws the same files again and again; each is decoded
     once. Entries are keyed by path, size and mtime, so a file rewritten on disk is decoded again.
     """
 

@@ -6,6 +6,7 @@ Also the demo's "stage 0" (``layout: chat``): plain instruction tuning that turn
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from torch import nn
 
 from coma.data.formats import Conversation, DataCheckError, DataFormatError, ProblemLog, read_conversations
 from coma.data.images import image_path_problem
+from coma.data.pipeline import SampledBatches, resolve_num_workers, to_device
 from coma.data.sampling import BlockMixtureSampler
 from coma.train.config import LoraSettings, TrainSettings
 from coma.train.loop import DistInfo, StepResult, distinct_count
@@ -139,7 +141,7 @@ class CompressTask(StageTask):
             rank=dist_info.rank,
             world_size=dist_info.world_size,
         )
-        self.collator = Stage1Collator(
+        collator = Stage1Collator(
             self.embedder.processor,
             self.embedder.config,
             skip_bad=config.skip_bad,
@@ -153,38 +155,68 @@ class CompressTask(StageTask):
         self.total_steps = config.train.max_steps or max(
             1, math.ceil(config.train.num_epochs * total / config.train.global_batch_size)
         )
+        self.batches = SampledBatches(
+            self.sampler,
+            PrepareConversations(collator, config.train.micro_batch_size),
+            make_job=self._records,
+            steps=self.total_steps,
+            num_workers=resolve_num_workers(config.train.num_workers),
+        )
+        self.skipped_rows: set[tuple[str, int]] = set()
+
+    def _records(self, keys: list[tuple[str, int]]) -> list[Conversation]:
+        return [self.sources[name][index] for name, index in keys]
 
     def step(self, module: nn.Module, no_sync: Callable[[], AbstractContextManager]) -> StepResult:
-        keys = self.sampler.next_batch()
-        records = [self.sources[name][index] for name, index in keys]
-        micro = self.config.train.micro_batch_size
-        chunks = [records[start : start + micro] for start in range(0, len(records), micro)]
+        started = time.perf_counter()
+        prepared = self.batches.next()
+        data_wait = time.perf_counter() - started
+        self.skipped_rows |= prepared.skipped
         device = self.dist_info.device
         loss_sum, tokens, dropped = 0.0, 0, 0
-        for index, chunk in enumerate(chunks):
-            batch = self.collator(chunk)
+        for index, batch in enumerate(prepared.batches):
             dropped += int(batch.pop("dropped", 0))
             batch.pop("dropped_turns", None)
-            batch = {
-                key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()
-            }
-            last = index == len(chunks) - 1
+            batch = to_device(batch, device)
+            last = index == len(prepared.batches) - 1
             with nullcontext() if last else no_sync():
                 output = module(batch)
-                (output.loss / len(chunks)).backward()
+                (output.loss / len(prepared.batches)).backward()
             loss_sum += float(output.loss.detach())
             tokens += int(output.total_tokens)
-        loss = loss_sum / len(chunks)
+        loss = loss_sum / len(prepared.batches)
         if self.dist_info.distributed:
             reduced = torch.tensor([loss, float(dropped)], device=device)
             dist.all_reduce(reduced)
             loss, dropped = float(reduced[0]) / self.dist_info.world_size, int(reduced[1])
         skipped = self.problems.count
         if self.config.skip_bad:
-            skipped += distinct_count(self.collator.skipped_rows, self.dist_info)
+            skipped += distinct_count(self.skipped_rows, self.dist_info)
         return StepResult(
             loss=loss,
-            samples=len(records),
+            samples=prepared.samples,
             tokens=tokens,
-            extra={"dropped": dropped, "skipped_rows": skipped},
+            extra={"dropped": dropped, "skipped_rows": skipped, "data_wait_s": data_wait},
         )
+
+
+@dataclass
+class Stage1Step:
+    """One step's micro-batches, collated (``Stage1Collator``'s dicts), and the rows skipped so far."""
+
+    batches: list[dict]
+    samples: int
+    skipped: frozenset[tuple[str, int]]
+
+
+class PrepareConversations:
+    """A step's conversations -> its collated micro-batches; runs in a DataLoader worker (no model)."""
+
+    def __init__(self, collator: Stage1Collator, micro_batch_size: int) -> None:
+        self.collator = collator
+        self.micro_batch_size = micro_batch_size
+
+    def __call__(self, records: list[Conversation]) -> Stage1Step:
+        micro = self.micro_batch_size
+        batches = [self.collator(records[start : start + micro]) for start in range(0, len(records), micro)]
+        return Stage1Step(batches, len(records), frozenset(self.collator.skipped_rows))

@@ -39,6 +39,14 @@ class TrainSettings:
     keep_checkpoints: int = 2
     log_every: int = 1
     gradient_checkpointing: bool = False
+    num_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "DataLoader worker processes per rank that decode images and run the processor ahead of the "
+            "model (default: the CPUs shared among this machine's ranks, one left each, at most 8); 0 prepares "
+            "each batch in the training process"
+        },
+    )
     dtype: str = field(
         default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"}
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -11,13 +12,16 @@ from pathlib import Path
 from torch import nn
 
 from coma.config import ComaConfig
+from coma.data.formats import TrainPair
+from coma.data.pipeline import EncodeCollator, SampledBatches, resolve_num_workers
 from coma.data.sampling import BlockMixtureSampler
 from coma.losses import ContrastiveLoss
 from coma.train.config import LoraSettings, TrainSettings
 from coma.train.loop import DistInfo, StepResult, distinct_count
+from coma.train.parallel import resolve_strategy
 from coma.train.setup import StageTask, load_trainable_embedder
-from coma.train.stage2_data import PairCollator, PairDataset
-from coma.train.stage2_step import ContrastiveStep
+from coma.train.stage2_data import IMAGE_CACHE_BYTES, PairCollator, PairDataset
+from coma.train.stage2_step import ChunkPlan, ContrastiveStep, PreparedStep, needs_dummy_image
 
 
 @dataclass
@@ -99,33 +103,66 @@ class MatchTask(StageTask):
             rank=dist_info.rank,
             world_size=dist_info.world_size,
         )
-        self.collator = PairCollator(self.embedder, image_root, skip_bad=config.skip_bad)
         self.step_fn = ContrastiveStep(
             self.module,
             ContrastiveLoss(temperature=config.temperature, symmetric=config.symmetric),
             query_chunk_size=config.query_chunk_size,
             target_chunk_size=config.target_chunk_size,
             use_grad_cache=config.grad_cache,
-            dummy_image=dist_info.distributed,
+            dummy_image=needs_dummy_image(
+                self.module, dist_info.distributed, resolve_strategy(config.train.strategy)
+            ),
         )
         self.total_steps = config.train.max_steps or math.ceil(
             config.train.num_epochs * len(self.dataset) / config.train.global_batch_size
         )
+        workers = resolve_num_workers(config.train.num_workers)
+        # The decoded-image cache lives in each worker: one budget shared among them.
+        collator = PairCollator(
+            EncodeCollator.from_embedder(self.embedder, image_root),
+            image_root,
+            image_cache_bytes=IMAGE_CACHE_BYTES // max(workers, 1),
+            skip_bad=config.skip_bad,
+        )
+        self.batches = SampledBatches(
+            self.sampler,
+            PreparePairs(collator, self.step_fn.plan, config.hard_negatives),
+            make_job=self.dataset.get_many,
+            steps=self.total_steps,
+            num_workers=workers,
+        )
+        self.skipped_rows: set[tuple[str, int]] = set()
 
     def step(self, module: nn.Module, no_sync: Callable[[], AbstractContextManager]) -> StepResult:
-        pairs = self.dataset.get_many(self.sampler.next_batch())
-        inputs = self.collator.inputs(pairs)
-        negatives = inputs.negatives if self.config.hard_negatives and inputs.negatives else None
-        result = self.step_fn(
-            inputs.queries, inputs.targets, negatives, self.collator.collate, no_sync, model=module
-        )
-        skipped = distinct_count(self.collator.skipped_rows, self.dist_info) if self.config.skip_bad else 0
+        started = time.perf_counter()
+        prepared, skipped = self.batches.next()
+        data_wait = time.perf_counter() - started
+        result = self.step_fn.run(prepared, no_sync, model=module)
+        self.skipped_rows |= skipped
+        skipped_rows = distinct_count(self.skipped_rows, self.dist_info) if self.config.skip_bad else 0
         return StepResult(
             loss=float(result["loss"]),
             samples=int(result["n"]),
             tokens=int(result.get("tokens", 0)),
             extra={
                 "accuracy": float(result["accuracy"]),
-                "skipped_rows": self.dataset.report.problems.count + skipped,
+                "skipped_rows": self.dataset.report.problems.count + skipped_rows,
+                "data_wait_s": data_wait,
             },
         )
+
+
+class PreparePairs:
+    """A step's pairs -> its collated chunks (:meth:`ChunkPlan.prepare`) and the rows skipped so far; runs in a
+    DataLoader worker, so it holds the collator (processor, image cache), never the model."""
+
+    def __init__(self, collator: PairCollator, plan: ChunkPlan, hard_negatives: bool) -> None:
+        self.collator = collator
+        self.plan = plan
+        self.hard_negatives = hard_negatives
+
+    def __call__(self, pairs: list[TrainPair]) -> tuple[PreparedStep, frozenset[tuple[str, int]]]:
+        inputs = self.collator.inputs(pairs)
+        negatives = inputs.negatives if self.hard_negatives else None
+        prepared = self.plan.prepare(inputs.queries, inputs.targets, negatives, self.collator.collate)
+        return prepared, frozenset(self.collator.skipped_rows)

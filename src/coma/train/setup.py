@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from coma.data.pipeline import SampledBatches
 from coma.data.sampling import BlockMixtureSampler
 from coma.embedder import Embedder
 from coma.train.config import LoraSettings, TrainSettings
@@ -50,16 +51,18 @@ def save_merged(embedder: Embedder, out_dir: str | Path) -> Path:
 
 
 class StageTask:
-    """What both stage tasks share: data position = the sampler's state; the result = the merged model."""
+    """What both stage tasks share: data position = the sampler's state after the last consumed step (batches
+    prepared ahead do not count); the result = the merged model."""
 
     embedder: Embedder
     sampler: BlockMixtureSampler
+    batches: SampledBatches
 
     def data_state(self) -> dict:
-        return self.sampler.state_dict()
+        return self.batches.state_dict()
 
     def load_data_state(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
+        self.batches.load_state_dict(state)
 
     def finish(self, out_dir: Path) -> Path:
         return save_merged(self.embedder, out_dir)

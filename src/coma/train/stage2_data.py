@@ -49,6 +49,8 @@ __all__ = [
     "pair_inputs",
 ]
 
+# Decoded images kept per collator (a DataLoader worker each): multi-epoch runs draw the same files again.
+IMAGE_CACHE_BYTES = 512 * 2**20
 # The query / target / negative sides of a row: (text field, image field).
 QUERY_FIELDS = ("qry", "qry_image_path")
 TARGET_FIELDS = ("pos_text", "pos_image_path")
@@ -321,7 +323,7 @@ class PairCollator:
         self,
         embedder: EmbedderLike,
         image_root: str | os.PathLike | None,
-        image_cache_bytes: int = 512 * 2**20,
+        image_cache_bytes: int = IMAGE_CACHE_BYTES,
         skip_bad: bool = False,
     ) -> None:
         self.embedder = embedder
