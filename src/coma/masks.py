@@ -9,14 +9,23 @@ attention (DESIGN §4), so boolean masks never leave this module.
 
 Padding query rows attend only to themselves. Real rows never see padding keys, so whatever a padding row
 computes cannot reach a real token, and no row is ever fully masked (no kernel produces NaN).
+
+The ``*_block_mask`` builders state the same rules as FlexAttention ``BlockMask``s: the rules are written once
+(``_compression_rule``, ``_split_rules``) on broadcastable index tensors, evaluated on the full grid for the dense
+masks and per (batch, query, key) by FlexAttention, which skips every block the rules block entirely (the dialogue's
+rows against the image's columns under the bottleneck).
 """
 
 from __future__ import annotations
 
 from itertools import pairwise
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 MASK_MODES = ("bottleneck", "none")
 
@@ -41,23 +50,44 @@ def _check_inputs(padding_mask: Tensor, dtype: torch.dtype, **positions: Tensor)
             )
 
 
-def _grid(padding_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Query idx (1, L, 1), key idx (1, 1, L), causal+padding visibility (B, L, L), real queries (B, L, 1)."""
+def _grid(padding_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Query idx (1, L, 1), key idx (1, 1, L), real queries (B, L, 1)."""
     length = padding_mask.shape[1]
     idx = torch.arange(length, device=padding_mask.device)
-    query, key = idx.view(1, length, 1), idx.view(1, 1, length)
-    real = padding_mask.bool()
-    allowed = (key <= query) & real[:, None, :]
-    return query, key, allowed, real[:, :, None]
+    return idx.view(1, length, 1), idx.view(1, 1, length), padding_mask.bool()[:, :, None]
 
 
 def _per_sample(value: Tensor, device: torch.device) -> Tensor:
     return value.to(device=device, dtype=torch.long).view(-1, 1, 1)
 
 
-def _finish(allowed: Tensor, real_query: Tensor, query: Tensor, key: Tensor, dtype: torch.dtype) -> Tensor:
+def _compression_rule(
+    query: Tensor, key: Tensor, real_key: Tensor, cs: Tensor, ce: Tensor, mode: str, bidirectional_c: bool
+) -> Tensor:
+    """Where a real query may attend (index tensors broadcast): causal over real keys, then the mode's cuts."""
+    allowed = (key <= query) & real_key
+    if mode == "bottleneck":
+        allowed = allowed & ~((query >= ce) & (key < cs))
+    if bidirectional_c:
+        allowed = allowed | ((query >= cs) & (query < ce) & (key >= cs) & (key < ce) & real_key)
+    return allowed
+
+
+def _split_rules(
+    query: Tensor, key: Tensor, real_key: Tensor, cs: Tensor, ce: Tensor, ans: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The layer-split variant's (lower, upper) rules for real queries (see :func:`split_layer_masks`)."""
+    lower = (key <= query) & real_key & ~((query >= ans) & (key < ce))
+    return lower, lower & ~((query >= cs) & (key < cs))
+
+
+def _with_padding_rows(allowed: Tensor, real_query: Tensor, query: Tensor, key: Tensor) -> Tensor:
     # Padding rows: only the diagonal, whatever the rules said, so the row is never empty.
-    allowed = torch.where(real_query, allowed, query == key)
+    return torch.where(real_query, allowed, query == key)
+
+
+def _finish(allowed: Tensor, real_query: Tensor, query: Tensor, key: Tensor, dtype: torch.dtype) -> Tensor:
+    allowed = _with_padding_rows(allowed, real_query, query, key)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask.unsqueeze(1)
@@ -83,13 +113,10 @@ def compression_attention_mask(
     if mode not in MASK_MODES:
         raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
     _check_inputs(padding_mask, dtype, c_start=c_start, c_end=c_end)
-    query, key, allowed, real_query = _grid(padding_mask)
+    query, key, real_query = _grid(padding_mask)
     cs, ce = _per_sample(c_start, padding_mask.device), _per_sample(c_end, padding_mask.device)
-    if mode == "bottleneck":
-        allowed = allowed & ~((query >= ce) & (key < cs))
-    if bidirectional_c:
-        real_key = padding_mask.bool()[:, None, :]
-        allowed = allowed | ((query >= cs) & (query < ce) & (key >= cs) & (key < ce) & real_key)
+    real_key = padding_mask.bool()[:, None, :]
+    allowed = _compression_rule(query, key, real_key, cs, ce, mode, bidirectional_c)
     return _finish(allowed, real_query, query, key, dtype)
 
 
@@ -108,12 +135,11 @@ def split_layer_masks(
     ``answer_start`` (B,) is per sample and must satisfy ``c_start <= c_end <= answer_start <= L``.
     """
     _check_inputs(padding_mask, dtype, c_start=c_start, c_end=c_end, answer_start=answer_start)
-    query, key, allowed, real_query = _grid(padding_mask)
+    query, key, real_query = _grid(padding_mask)
     device = padding_mask.device
     cs, ce = _per_sample(c_start, device), _per_sample(c_end, device)
     ans = _per_sample(answer_start, device)
-    lower = allowed & ~((query >= ans) & (key < ce))
-    upper = lower & ~((query >= cs) & (key < cs))
+    lower, upper = _split_rules(query, key, padding_mask.bool()[:, None, :], cs, ce, ans)
     return _finish(lower, real_query, query, key, dtype), _finish(upper, real_query, query, key, dtype)
 
 
@@ -130,3 +156,51 @@ def per_layer_masks(num_layers: int, split_layer: int, lower: Tensor, upper: Ten
 def allowed_from_additive(mask: Tensor) -> Tensor:
     """Boolean view of an additive mask: True where attention is allowed (the entry is exactly 0)."""
     return mask == 0
+
+
+def compression_block_mask(
+    padding_mask: Tensor,
+    c_start: Tensor,
+    c_end: Tensor,
+    mode: str = "bottleneck",
+    bidirectional_c: bool = False,
+    block_size: int = 128,
+) -> BlockMask:
+    """:func:`compression_attention_mask`'s rules as a FlexAttention ``BlockMask`` (B, 1, L, L)."""
+    if mode not in MASK_MODES:
+        raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
+    _check_inputs(padding_mask, torch.float32, c_start=c_start, c_end=c_end)
+    real, cs, ce = padding_mask.bool(), c_start.to(padding_mask.device), c_end.to(padding_mask.device)
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        allowed = _compression_rule(q, kv, real[b, kv], cs[b], ce[b], mode, bidirectional_c)
+        return _with_padding_rows(allowed, real[b, q], q, kv)
+
+    return _block_mask(mask_mod, padding_mask, block_size)
+
+
+def split_layer_block_masks(
+    padding_mask: Tensor, c_start: Tensor, c_end: Tensor, answer_start: Tensor, block_size: int = 128
+) -> tuple[BlockMask, BlockMask]:
+    """:func:`split_layer_masks`' ``(lower, upper)`` as FlexAttention ``BlockMask``s."""
+    _check_inputs(padding_mask, torch.float32, c_start=c_start, c_end=c_end, answer_start=answer_start)
+    device = padding_mask.device
+    real, cs, ce, ans = padding_mask.bool(), c_start.to(device), c_end.to(device), answer_start.to(device)
+
+    def mask_mod(which: int, b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        allowed = _split_rules(q, kv, real[b, kv], cs[b], ce[b], ans[b])[which]
+        return _with_padding_rows(allowed, real[b, q], q, kv)
+
+    lower = _block_mask(lambda b, h, q, kv: mask_mod(0, b, h, q, kv), padding_mask, block_size)
+    upper = _block_mask(lambda b, h, q, kv: mask_mod(1, b, h, q, kv), padding_mask, block_size)
+    return lower, upper
+
+
+def _block_mask(mask_mod, padding_mask: Tensor, block_size: int) -> BlockMask:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, length = padding_mask.shape
+    device = padding_mask.device
+    # Compiled on GPU: the uncompiled builder materialises the whole (B, L, L) grid, which is what this avoids.
+    return create_block_mask(mask_mod, batch, None, length, length, device=device, BLOCK_SIZE=block_size,
+                             _compile=device.type == "cuda")  # fmt: skip

@@ -74,10 +74,13 @@ def load_backbone(
     name_or_path: str | os.PathLike,
     *,
     dtype: torch.dtype = torch.float32,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | dict[str, str] = "sdpa",
     trust_remote_code: bool = False,
 ) -> tuple[nn.Module, Any, BackboneAdapter]:
-    """Load ``(model, processor, adapter)`` from a folder or hub id, safetensors only."""
+    """Load ``(model, processor, adapter)`` from a folder or hub id, safetensors only.
+
+    ``attn_implementation`` is one implementation or one per sub-config
+    (:func:`coma.backbones.attention.transformers_attn_implementation`)."""
     source, hub_kwargs = resolve_model_source(name_or_path)
     adapter = adapter_for(read_model_type(source))
     model = adapter.load_model(

@@ -1,0 +1,95 @@
+"""Which attention kernels a run uses, for the language model and the vision tower separately.
+
+Paths whose mask is only padding (stage 2, eval, encode, stage 1 ``mask_mode: none``) pass the 2-D padding mask
+and run ``flash_attention_2`` where the flash-attn package is installed (CUDA), else SDPA. Stage 1's bottleneck
+needs a 4-D mask, which flash-attn cannot take: there ``auto`` is the block-sparse FlexAttention path on GPU and
+the dense additive mask under SDPA elsewhere.
+
+FlexAttention runs through transformers' own ``flex_attention_forward``, registered under :data:`BLOCK_SPARSE`:
+transformers 5.17 and 5.24 refuse ``attn_implementation="flex_attention"`` for the Qwen-VL classes (they do not
+declare support, and their vision tower's per-image ``cu_seqlens`` attention would indeed be wrong under it), but
+their language model only needs the ``BlockMask`` coma builds and hands in (a 4-D mask skips transformers' own
+mask creation). The vision tower never runs FlexAttention.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+TEXT_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
+VISION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
+# The key the Qwen-VL models dispatch to for FlexAttention (its name must not contain "flex_attention", which
+# transformers checks against the model class's declared support).
+BLOCK_SPARSE = "coma_block_sparse"
+
+
+def flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def flex_attention_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def resolve_attention(
+    text: str, vision: str = "auto", *, device: torch.device, four_d_mask: bool, training: bool = False
+) -> tuple[str, str]:
+    """``(language model, vision tower)`` implementations for a run on ``device``; ``four_d_mask`` when the
+    language model must take a mask that is more than padding (stage 1's bottleneck, split layers, bidirectional
+    C); ``training`` when gradients flow through it. Raises ValueError for unknown values and ones that cannot run
+    here."""
+    if text not in TEXT_CHOICES:
+        raise ValueError(f"unknown attn_implementation {text!r}; choose one of {', '.join(TEXT_CHOICES)}")
+    if vision not in VISION_CHOICES:
+        raise ValueError(
+            f"unknown vision_attn_implementation {vision!r}; choose one of {', '.join(VISION_CHOICES)} "
+            "(the vision tower attends per image through cu_seqlens, which FlexAttention would ignore)"
+        )
+    cuda = torch.device(device).type == "cuda"
+    padding_only = "flash_attention_2" if cuda and flash_attn_installed() else "sdpa"
+    if text == "auto":
+        if four_d_mask:
+            text = "flex_attention" if cuda and flex_attention_available() else "sdpa"
+        else:
+            text = padding_only
+    if vision == "auto":
+        vision = padding_only
+    if four_d_mask and text == "flash_attention_2":
+        raise ValueError(
+            "attn_implementation flash_attention_2 takes only padding masks, and this stage-1 run needs a 4-D "
+            "attention mask (mask_mode bottleneck or split_layer, or bidirectional_c): use auto, flex_attention, "
+            "sdpa or eager, or mask_mode none"
+        )
+    for field, value in (("attn_implementation", text), ("vision_attn_implementation", vision)):
+        if value == "flash_attention_2" and not (cuda and flash_attn_installed()):
+            raise ValueError(f"{field} flash_attention_2 needs a CUDA device and the flash-attn package")
+    if text == "flex_attention" and not flex_attention_available():
+        raise ValueError(
+            "attn_implementation flex_attention needs torch.nn.attention.flex_attention (torch >= 2.5)"
+        )
+    if text == "flex_attention" and training and not cuda:
+        raise ValueError("attn_implementation flex_attention has no backward pass on CPU (torch): use sdpa")
+    return text, vision
+
+
+def transformers_attn_implementation(text: str, vision: str) -> dict[str, str]:
+    """The ``attn_implementation`` argument of ``from_pretrained``: one implementation per sub-config."""
+    if text == "flex_attention":
+        register_block_sparse()
+        text = BLOCK_SPARSE
+    return {"": text, "text_config": text, "vision_config": vision}
+
+
+@functools.cache
+def register_block_sparse() -> None:
+    """Make :data:`BLOCK_SPARSE` a transformers attention implementation: its FlexAttention forward, and its
+    FlexAttention mask builder for calls that pass only a padding mask."""
+    from transformers import AttentionInterface
+    from transformers.integrations.flex_attention import flex_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
+
+    AttentionInterface.register(BLOCK_SPARSE, flex_attention_forward)
+    AttentionMaskInterface.register(BLOCK_SPARSE, flex_attention_mask)
