@@ -54,7 +54,7 @@ def run_counting(args: list[str], out: Path, checkpointing: bool) -> tuple[list[
     calls: Counter[int] = Counter({index: 0 for index in range(2)})  # the tiny models have 2 layers
     make_trainable = coma.train.setup.make_trainable
 
-    def counting_make_trainable(backbone, adapter, *rest):
+    def counting_make_trainable(backbone, adapter, *rest, **options):
         layers = adapter.decoder_layers(backbone)
         assert len(layers) == len(calls)
         for index, layer in enumerate(layers):
@@ -62,7 +62,7 @@ def run_counting(args: list[str], out: Path, checkpointing: bool) -> tuple[list[
             layer.self_attn.register_forward_pre_hook(
                 lambda *_, index=index: calls.update([index]) if torch.is_grad_enabled() else None
             )
-        return make_trainable(backbone, adapter, *rest)
+        return make_trainable(backbone, adapter, *rest, **options)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(coma.train.setup, "make_trainable", counting_make_trainable)

@@ -21,10 +21,12 @@ from coma.data.images import image_path_problem
 from coma.data.pipeline import SampledBatches, resolve_num_workers, to_device
 from coma.data.sampling import BlockMixtureSampler
 from coma.train.config import LoraSettings, TrainSettings
-from coma.train.loop import DistInfo, StepResult, distinct_count
+from coma.train.loop import DistInfo, StepResult, distinct_count, scale_gradients
 from coma.train.setup import StageTask, load_trainable_embedder
 from coma.train.stage1_data import Stage1Collator
 from coma.train.stage1_model import Stage1Objective
+
+LOSS_REDUCTIONS = ("sample", "token")
 
 
 @dataclass
@@ -43,6 +45,15 @@ class CompressConfig:
     split_layer: int | None = None
     bidirectional_c: bool = False
     supervise: str = field(default="answers", metadata={"help": "answers | dialogue"})
+    # `sample` by default: the paper's code trains with micro-batch 1 and averages the micro-batches' token means,
+    # so each sample weighs the same however long its answers are; `sample` reproduces that at any micro-batch size.
+    loss_reduction: str = field(
+        default="sample",
+        metadata={
+            "help": "sample (mean over the global batch's samples of each sample's token mean) | token (token "
+            "mean over the global batch)"
+        },
+    )
     layout: str = field(
         default="compress", metadata={"help": "compress | chat (plain SFT, the demo's stage 0)"}
     )
@@ -65,6 +76,10 @@ class CompressConfig:
                 raise ValueError(f"coma compress needs --{name}")
         if self.data_weights is not None and len(self.data_weights) != len(self.data):
             raise ValueError(f"{len(self.data_weights)} data weights for {len(self.data)} data files")
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(
+                f"unknown loss_reduction {self.loss_reduction!r}; choose one of {', '.join(LOSS_REDUCTIONS)}"
+            )
         if self.train.global_batch_size % self.train.micro_batch_size:
             raise ValueError(
                 "global_batch_size must be a multiple of micro_batch_size (times the process count)"
@@ -114,13 +129,16 @@ class CompressTask(StageTask):
             self.sources = read_sources(config.data, config.image_root, self.problems)
             if self.problems and not config.skip_bad:
                 raise DataCheckError(self.problems, ", ".join(config.data))
-        self.embedder = load_trainable_embedder(config, dist_info)
+        four_d_mask = config.mask_mode != "none" or config.bidirectional_c
+        self.embedder = load_trainable_embedder(config, dist_info, generative=True, four_d_mask=four_d_mask)
         self.module: nn.Module = Stage1Objective(
             self.embedder.model.backbone,
             self.embedder.adapter,
             mask_mode=config.mask_mode,
             split_layer=config.split_layer,
             bidirectional_c=config.bidirectional_c,
+            # Sums here; step() divides by the global batch's samples or tokens once all ranks have counted them.
+            reduction="sample_sum" if config.loss_reduction == "sample" else "sum",
         )
         self.total_steps = 0
         if not with_data:
@@ -173,7 +191,8 @@ class CompressTask(StageTask):
         data_wait = time.perf_counter() - started
         self.skipped_rows |= prepared.skipped
         device = self.dist_info.device
-        loss_sum, tokens, dropped = 0.0, 0, 0
+        loss_sum, count, tokens, dropped = 0.0, 0, 0, 0
+        per_sample = self.config.loss_reduction == "sample"
         for index, batch in enumerate(prepared.batches):
             dropped += int(batch.pop("dropped", 0))
             batch.pop("dropped_turns", None)
@@ -181,14 +200,17 @@ class CompressTask(StageTask):
             last = index == len(prepared.batches) - 1
             with nullcontext() if last else no_sync():
                 output = module(batch)
-                (output.loss / len(prepared.batches)).backward()
+                output.loss.backward()
             loss_sum += float(output.loss.detach())
+            count += output.supervised_samples if per_sample else output.supervised_tokens
             tokens += int(output.total_tokens)
-        loss = loss_sum / len(prepared.batches)
         if self.dist_info.distributed:
-            reduced = torch.tensor([loss, float(dropped)], device=device)
+            reduced = torch.tensor([loss_sum, count, dropped], dtype=torch.float64, device=device)
             dist.all_reduce(reduced)
-            loss, dropped = float(reduced[0]) / self.dist_info.world_size, int(reduced[1])
+            loss_sum, count, dropped = float(reduced[0]), int(reduced[1]), int(reduced[2])
+        # The gradients hold the sum over the global batch, averaged over ranks by DDP / FSDP: rescale to the mean.
+        scale_gradients(module, self.dist_info.world_size / max(count, 1))
+        loss = loss_sum / max(count, 1)
         skipped = self.problems.count
         if self.config.skip_bad:
             skipped += distinct_count(self.skipped_rows, self.dist_info)

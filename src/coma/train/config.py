@@ -50,7 +50,19 @@ class TrainSettings:
     dtype: str = field(
         default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16"}
     )
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "language model: auto (flash_attention_2 when installed on GPU, else sdpa; stage 1's "
+            "bottleneck: flex_attention on GPU, else sdpa), sdpa, eager, flash_attention_2, flex_attention"
+        },
+    )
+    vision_attn_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "vision tower: auto (flash_attention_2 when installed on GPU, else sdpa), sdpa, eager"
+        },
+    )
     strategy: str = field(
         default="auto",
         metadata={

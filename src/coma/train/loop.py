@@ -155,7 +155,6 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         if run_config is not None:
             write_json(out_dir / "run_config.json", run_config)
-    seed_everything(settings.seed)
     module = task.module
     strategy = resolve_strategy(settings.strategy)
     parallel = parallelize(
@@ -166,6 +165,8 @@ def train(
         compute_dtype=resolve_dtype(settings.dtype, dist_info.device),
         shard_units=task.shard_units,
     )
+    # Dropout differs per rank. Only now: every rank must build identical weights (LoRA init, pooling heads) first.
+    seed_everything(settings.seed + dist_info.rank)
     # After sharding: the optimizer must hold FSDP's sharded parameters.
     parameters = [parameter for parameter in module.parameters() if parameter.requires_grad]
     if not parameters:
@@ -194,7 +195,8 @@ def train(
     for step in range(start_step, task.total_steps):
         step_start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        result = task.step(parallel.model, parallel.no_sync)
+        with parallel.autocast():
+            result = task.step(parallel.model, parallel.no_sync)
         max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
         grad_norm = parallel.clip_grad_norm(parameters, max_norm)
         learning_rate = scheduler.get_last_lr()[0]
@@ -245,6 +247,14 @@ def train(
     if dist_info.is_main:
         write_json(out_dir / "train_summary.json", summary)
     return {**summary, "rank": dist_info.rank}
+
+
+def scale_gradients(module: nn.Module, factor: float) -> None:
+    """Multiply every accumulated gradient by ``factor`` (sharded gradients too: each rank scales its shard)."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if parameter.grad is not None:
+                parameter.grad.mul_(factor)
 
 
 def seed_everything(seed: int) -> None:

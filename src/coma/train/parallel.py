@@ -6,6 +6,9 @@ optimizer state live in shards and each unit is all-gathered just for its forwar
 parameters are kept in fp32 (small AdamW updates on bf16 weights round away) and computed in the run's dtype through
 FSDP's ``MixedPrecisionPolicy``; gradients are reduced in fp32. Frozen weights stay in the dtype they were loaded in.
 
+Without FSDP (one process, DDP) the same holds: trainable parameters are cast to fp32 and the task's step runs under
+``torch.autocast`` in the run's dtype, so matmuls compute in bf16 while AdamW updates fp32 master weights.
+
 Both strategies defer the gradient reduction over the chunks of one step (GradCache's replay, stage 1's
 micro-batches) to the last backward, so the summed gradient is exactly the one-process gradient either way.
 """
@@ -47,10 +50,19 @@ class Parallel:
     model: nn.Module
     strategy: str
     distributed: bool
+    device: torch.device = torch.device("cpu")
+    compute_dtype: torch.dtype = torch.float32
 
     @property
     def sharded(self) -> bool:
         return self.strategy == "fsdp" and self.distributed
+
+    def autocast(self) -> AbstractContextManager:
+        """Where the task's step runs: bf16 (or fp16) autocast over fp32 trainable weights, unless FSDP's
+        MixedPrecisionPolicy already casts them or the run is fp32."""
+        if self.sharded or self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def no_sync(self) -> AbstractContextManager:
         """Backward passes inside accumulate gradients locally; the first backward after it reduces them all."""
@@ -99,18 +111,19 @@ def parallelize(
     """Wrap ``module`` for ``strategy`` (in place for FSDP). ``shard_units`` lists the blocks FSDP shards one by one
     (decoder layers and vision blocks); everything else forms the root unit."""
     distributed = world_size > 1
-    if not distributed:
-        return Parallel(module, strategy, distributed=False)
-    if strategy == "ddp":
-        device_ids = [device.index] if device.type == "cuda" else None
-        return Parallel(nn.parallel.DistributedDataParallel(module, device_ids=device_ids), strategy, True)
+    # Every path keeps fp32 master weights: FSDP through its policy below, the others under autocast.
+    keep_trainable_in_fp32(module)
+    if not distributed or strategy == "ddp":
+        if distributed:
+            device_ids = [device.index] if device.type == "cuda" else None
+            module = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+        return Parallel(module, strategy, distributed, device, compute_dtype)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    keep_trainable_in_fp32(module)
     mesh = init_device_mesh(device.type, (world_size,))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for unit in shard_units():
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(module, mesh=mesh, mp_policy=policy)
-    return Parallel(module, strategy, distributed=True)
+    return Parallel(module, strategy, True, device, compute_dtype)

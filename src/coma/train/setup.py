@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from coma.backbones.attention import resolve_attention
 from coma.data.pipeline import SampledBatches
 from coma.data.sampling import BlockMixtureSampler
 from coma.embedder import Embedder
@@ -16,14 +18,29 @@ from coma.train.loop import DistInfo, resolve_dtype
 from coma.train.trainable import make_trainable, merged_backbone
 
 
-def load_trainable_embedder(config: Any, dist_info: DistInfo, *, pooling: str | None = None) -> Embedder:
+def load_trainable_embedder(
+    config: Any,
+    dist_info: DistInfo,
+    *,
+    pooling: str | None = None,
+    generative: bool = False,
+    four_d_mask: bool = False,
+) -> Embedder:
     """An Embedder whose backbone is wrapped for training (LoRA/DoRA + compression rows, or the full LM).
 
     ``config`` is a stage config: it names the model, the token count, the pixel bounds and its ``train`` and
-    ``lora`` sections.
+    ``lora`` sections. ``generative`` (stage 1) trains an untied LM head under full fine-tuning; ``four_d_mask``
+    says the language model takes a 4-D attention mask (checked against ``attn_implementation``).
     """
     settings: TrainSettings = config.train
     lora: LoraSettings = config.lora
+    text, vision = resolve_attention(
+        settings.attn_implementation,
+        settings.vision_attn_implementation,
+        device=dist_info.device,
+        four_d_mask=four_d_mask,
+        training=True,
+    )
     embedder = Embedder.from_pretrained(
         config.model,
         num_tokens=config.num_tokens,
@@ -32,13 +49,14 @@ def load_trainable_embedder(config: Any, dist_info: DistInfo, *, pooling: str | 
         max_pixels=config.max_pixels,
         device=dist_info.device,
         dtype=resolve_dtype(settings.dtype, dist_info.device),
-        attn_implementation=settings.attn_implementation,
+        attn_implementation=text,
+        vision_attn_implementation=vision,
     )
     backbone = embedder.model.backbone
     if settings.gradient_checkpointing:
         embedder.adapter.enable_activation_checkpointing(backbone)
     embedder.model.backbone = make_trainable(
-        backbone, embedder.adapter, embedder.model.token_ids.tolist(), lora
+        backbone, embedder.adapter, embedder.model.token_ids.tolist(), lora, train_lm_head=generative
     )
     return embedder
 
@@ -47,6 +65,10 @@ def save_merged(embedder: Embedder, out_dir: str | Path) -> Path:
     """Fold the adapter and trained token rows into the weights and save a plain, loadable model folder."""
     embedder.model.backbone = merged_backbone(embedder.model.backbone)
     embedder.model.backbone.requires_grad_(False)
+    # Trained weights were fp32 master copies; the saved model keeps the dtype it was loaded in.
+    dtype = embedder.model.backbone.config.dtype
+    if isinstance(dtype, torch.dtype):
+        embedder.model.backbone.to(dtype)
     return embedder.save_pretrained(out_dir)
 
 

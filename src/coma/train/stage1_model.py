@@ -24,24 +24,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from coma.backbones.attention import BLOCK_SPARSE
 from coma.backbones.base import BackboneAdapter
-from coma.masks import compression_attention_mask, per_layer_masks, split_layer_masks
+from coma.masks import (
+    compression_attention_mask,
+    compression_block_mask,
+    per_layer_masks,
+    split_layer_block_masks,
+    split_layer_masks,
+)
 from coma.train.stage1_data import IGNORE_INDEX
 
 __all__ = ["MASK_MODES", "REDUCTIONS", "Stage1Objective", "LayerMaskSwap", "Stage1Output"]
 
 MASK_MODES = ("bottleneck", "none", "split_layer")
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS = ("mean", "sum", "sample_sum")
 _MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 
 @dataclass
 class Stage1Output:
-    """``loss`` (mean or sum over supervised tokens), and token counts of the micro-batch for logging."""
+    """``loss`` (see the objective's ``reduction``), and the micro-batch's counts: supervised tokens, samples with
+    at least one supervised token, all real tokens."""
 
     loss: Tensor
     supervised_tokens: int
     total_tokens: int
+    supervised_samples: int = 0
 
 
 def _swap_attention_mask(mask: Tensor, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -89,12 +98,15 @@ class LayerMaskSwap:
 
 
 def _compute_dtype(backbone: nn.Module) -> torch.dtype:
-    """The dtype the language model computes in: that of its input embeddings (LoRA weights may be fp32)."""
+    """The dtype the language model computes in: autocast's, else that of its input embeddings (LoRA weights may
+    be fp32)."""
     embeddings = backbone.get_input_embeddings()
     weight = getattr(embeddings, "weight", None)
-    if isinstance(weight, Tensor):
-        return weight.dtype
-    return next(p.dtype for p in embeddings.parameters() if p.is_floating_point())
+    if not isinstance(weight, Tensor):
+        weight = next(p for p in embeddings.parameters() if p.is_floating_point())
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
 
 
 class Stage1Objective(nn.Module):
@@ -105,7 +117,12 @@ class Stage1Objective(nn.Module):
     causal, as the released code runs) or ``"split_layer"`` with ``split_layer=k`` (1 <= k < number of layers).
     ``bidirectional_c`` lets the compression tokens see each other both ways (not with ``split_layer``).
     ``reduction="mean"`` divides by the supervised tokens of the micro-batch; ``"sum"`` leaves that to the caller
-    (for a token-weighted mean across gradient-accumulation steps and ranks).
+    (for a token-weighted mean across gradient-accumulation steps and ranks); ``"sample_sum"`` sums each sample's
+    token mean (the caller divides by the samples of the global batch).
+
+    The mask follows the language model's attention implementation: a FlexAttention ``BlockMask`` under
+    :data:`coma.backbones.attention.BLOCK_SPARSE`, only the 2-D padding mask when it is plain causal (``none``
+    without ``bidirectional_c``: flash-attn can run it), else the dense additive 4-D mask.
     """
 
     def __init__(
@@ -145,16 +162,35 @@ class Stage1Objective(nn.Module):
             LayerMaskSwap(adapter.decoder_layers(backbone)) if mask_mode == "split_layer" else None
         )
 
-    def attention_masks(self, batch: dict[str, Any]) -> list[Tensor] | Tensor:
-        """The 4-D additive mask of the batch, or one per decoder layer (shared tensors) for ``split_layer``."""
+    @property
+    def block_sparse(self) -> bool:
+        """Whether the language model runs FlexAttention (and so takes ``BlockMask``s)."""
+        attention = self.adapter.decoder_layers(self.backbone)[0].self_attn
+        return attention.config._attn_implementation == BLOCK_SPARSE
+
+    def attention_masks(self, batch: dict[str, Any]) -> list[Any] | Any:
+        """The batch's mask (see the class), or one per decoder layer (shared objects) for ``split_layer``."""
         padding = batch["attention_mask"]
+        block_sparse = self.block_sparse
+        if self.mask_mode == "none" and not self.bidirectional_c and not block_sparse:
+            return padding
         dtype = _compute_dtype(self.backbone)
         if self.mask_mode == "split_layer":
-            lower, upper = split_layer_masks(
-                padding, batch["c_start"], batch["c_end"], batch["answer_start"], dtype=dtype
-            )
+            positions = (padding, batch["c_start"], batch["c_end"], batch["answer_start"])
+            if block_sparse:
+                lower, upper = split_layer_block_masks(*positions)
+            else:
+                lower, upper = split_layer_masks(*positions, dtype=dtype)
             layers = self.adapter.decoder_layers(self.backbone)
             return per_layer_masks(len(layers), self.split_layer, lower, upper)
+        if block_sparse:
+            return compression_block_mask(
+                padding,
+                batch["c_start"],
+                batch["c_end"],
+                mode=self.mask_mode,
+                bidirectional_c=self.bidirectional_c,
+            )
         return compression_attention_mask(
             padding,
             batch["c_start"],
@@ -168,6 +204,7 @@ class Stage1Objective(nn.Module):
     def _masked(self, batch: dict[str, Any]) -> Iterator[tuple[Tensor, Tensor]]:
         """Install this objective's masks; yields the model-level mask and the position ids."""
         masks = self.attention_masks(batch)
+        # M-RoPE ids from the 2-D padding mask: a 4-D mask gives the model nothing to compute them from.
         position_ids = batch.get("position_ids")
         if position_ids is None:
             position_ids = self.adapter.position_ids(self.backbone, batch)
@@ -205,10 +242,22 @@ class Stage1Objective(nn.Module):
         # transformers 5.x release, so the head is applied here).
         hidden = self.last_hidden_states(batch)[keep]
         logits = self.backbone.get_output_embeddings()(hidden)
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-        if self.reduction == "mean":
-            loss = loss / supervised
-        return Stage1Output(loss, supervised, total)
+        token_losses = F.cross_entropy(logits.float(), targets, reduction="none")
+        per_sample = keep.sum(dim=1)
+        samples = int((per_sample > 0).sum())
+        if self.reduction == "sample_sum":
+            sample_of_token = torch.repeat_interleave(
+                torch.arange(len(per_sample), device=keep.device), per_sample
+            )
+            sums = torch.zeros(len(per_sample), device=keep.device).index_add(
+                0, sample_of_token, token_losses
+            )
+            loss = (sums / per_sample.clamp(min=1)).sum()
+        else:
+            loss = token_losses.sum()
+            if self.reduction == "mean":
+                loss = loss / supervised
+        return Stage1Output(loss, supervised, total, samples)
 
     def _zero_loss(self) -> Tensor:
         """A zero loss that still reaches every trainable parameter, so DDP's gradient hooks fire on every rank."""

@@ -14,16 +14,25 @@ from coma.train.config import LoraSettings
 
 
 def make_trainable(
-    backbone: nn.Module, adapter: BackboneAdapter, token_ids: list[int], lora: LoraSettings
+    backbone: nn.Module,
+    adapter: BackboneAdapter,
+    token_ids: list[int],
+    lora: LoraSettings,
+    *,
+    train_lm_head: bool = True,
 ) -> nn.Module:
-    """Freeze the backbone, then open LoRA (or the whole LM) and the compression rows to training."""
+    """Freeze the backbone, then open LoRA (or the whole LM) and the compression rows to training.
+
+    ``train_lm_head=False`` (stage 2, which never computes logits) keeps an untied LM head frozen under full
+    fine-tuning: a trainable parameter without a gradient stops DDP. A tied head is the input embedding and trains.
+    """
     backbone.requires_grad_(False)
     if lora.full_finetune:
         language_model = adapter.decoder_layers(backbone)
         language_model.requires_grad_(True)
         backbone.get_input_embeddings().requires_grad_(True)
         output = backbone.get_output_embeddings()
-        if output is not None:
+        if output is not None and train_lm_head:
             output.requires_grad_(True)
         for name, parameter in backbone.named_parameters():
             if "language_model" in name and "norm" in name:
