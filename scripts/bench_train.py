@@ -9,26 +9,35 @@ fp32 on the CPU, T=8 compression tokens, batch 64, and is timed after a warm-up 
     raw-SIZE            forward + backward + AdamW over the EmbeddingModel, language model fully fine-tuned
                         (vision frozen), in-batch InfoNCE, image queries vs text targets; batches are collated
                         before timing, so this is model work only -> samples/s
-    stage1-SIZE         run_stage("compress") on stage1/conversations.jsonl, LoRA/DoRA defaults, global batch
+    stage1-SIZE-wN      run_stage("compress") on stage1/conversations.jsonl, LoRA/DoRA defaults, global batch
                         64, micro batch 8 -> samples/s
-    stage2-MODE-SIZE    run_stage("match") on train/, LoRA/DoRA defaults, MODE gc (GradCache, chunks 8/8) or
+    stage2-MODE-SIZE-wN run_stage("match") on train/, LoRA/DoRA defaults, MODE gc (GradCache, chunks 8/8) or
                         plain (one forward per side), global batch 64; for tiny also MODE-b256 (batch 256,
                         not with --quick), where GradCache's lower peak RSS shows -> pairs/s
 
+Each stage configuration runs once per ``--workers`` value (``-w0``: batches prepared in the training process;
+``-wauto``: the default worker count), side by side. With ``--baseline DIR`` (a checkout of earlier code, e.g.
+``git worktree add /tmp/coma-before <commit>``) each stage configuration also runs once on that code
+(``-before``, its ``src`` first on PYTHONPATH, with that code's own data path).
+
 The stage rates come from the ``metrics.jsonl`` the training loop writes: total work over total time of the
-steps after the first two. "seconds" is the wall time of the whole subprocess (imports, loading, warm-up,
+steps after the first two; "data wait" is the share of that time the step spent waiting for its prepared batch
+(``data_wait_s``; with 0 workers that is the whole collation, image decode and processor included), "compute" the
+rest (forward, backward, optimizer). "seconds" is the wall time of the whole subprocess (imports, loading, warm-up,
 measured steps, final save). One sample is one query-target pair.
 
 Measure on an idle machine: with one torch thread per core, any other busy process makes OpenMP's waits
 collide and steps run many times slower (the header prints the load average and warns).
 
     .venv/bin/python scripts/bench_train.py [--quick] [--sizes tiny,small] [--steps N] [--threads N]
+                                            [--workers 0,auto] [--baseline DIR] [--only PREFIX,...]
                                             [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -60,6 +69,9 @@ from coma.train.run import run_stage  # noqa: E402
 from coma.train.setup import load_trainable_embedder  # noqa: E402
 from coma.train.stage2_data import pair_inputs  # noqa: E402
 
+# The baseline's configs may predate the field; the driver never asks it for workers.
+HAS_WORKERS = "num_workers" in {f.name for f in dataclasses.fields(TrainSettings)}
+
 NUM_TOKENS = 8
 BATCH = 64
 LARGE_BATCH = 256  # tiny only: where GradCache's lower peak memory shows on a CPU
@@ -86,6 +98,7 @@ class Result:
     peak_rss_mb: float = 0.0
     seconds: float = 0.0
     note: str = ""
+    data_wait_share: float | None = None  # of the measured step time
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,8 +114,10 @@ def model_dir(workdir: Path, size: str) -> Path:
     return workdir / "models" / size
 
 
-def train_settings(global_batch: int, steps: int, micro_batch: int = 8) -> TrainSettings:
-    return TrainSettings(
+def train_settings(
+    global_batch: int, steps: int, micro_batch: int = 8, workers: int | None = None
+) -> TrainSettings:
+    settings = TrainSettings(
         global_batch_size=global_batch,
         micro_batch_size=micro_batch,
         max_steps=WARMUP_STEPS + steps,
@@ -113,6 +128,9 @@ def train_settings(global_batch: int, steps: int, micro_batch: int = 8) -> Train
         keep_checkpoints=1,
         seed=SEED,
     )
+    if HAS_WORKERS:
+        settings.num_workers = workers
+    return settings
 
 
 def image_text_pairs(workdir: Path, count: int) -> list[tuple[EncodeInput, EncodeInput]]:
@@ -147,13 +165,13 @@ def bench_encode(workdir: Path, steps: int, size: str) -> Result:
 
 def bench_raw(workdir: Path, steps: int, size: str) -> Result:
     _, image_root = world_paths(workdir)
-    embedder = load_trainable_embedder(
-        str(model_dir(workdir, size)),
-        train_settings(BATCH, steps),
-        LoraSettings(full_finetune=True),
-        DistInfo(),
+    config = MatchConfig(
+        model=str(model_dir(workdir, size)),
         num_tokens=NUM_TOKENS,
+        train=train_settings(BATCH, steps),
+        lora=LoraSettings(full_finetune=True),
     )
+    embedder = load_trainable_embedder(config, DistInfo())
     model = embedder.model
     pairs = image_text_pairs(workdir, BATCH * (WARMUP_STEPS + steps))
     collate_start = time.perf_counter()
@@ -192,8 +210,9 @@ def bench_raw(workdir: Path, steps: int, size: str) -> Result:
     )
 
 
-def loop_throughput(out: Path, batch: int) -> tuple[float, float, int, float]:
-    """(samples/s, tokens/s, steps, seconds) over the steps after the warm-up in ``out/metrics.jsonl``.
+def loop_throughput(out: Path, batch: int) -> tuple[float, float, int, float, float | None]:
+    """(samples/s, tokens/s, steps, seconds, data-wait share or None) over the steps after the warm-up in
+    ``out/metrics.jsonl``.
 
     Each step's time is batch / samples_per_s, so the rates are total work over total time.
     """
@@ -204,29 +223,33 @@ def loop_throughput(out: Path, batch: int) -> tuple[float, float, int, float]:
     times = [batch / record["samples_per_s"] for record in records]
     tokens = sum(record["tokens_per_s"] * seconds for record, seconds in zip(records, times, strict=True))
     total = sum(times)
-    return batch * len(records) / total, tokens / total, len(records), total
+    waits = [record.get("data_wait_s") for record in records]
+    share = None if None in waits else sum(waits) / total
+    return batch * len(records) / total, tokens / total, len(records), total, share
 
 
-def bench_stage1(workdir: Path, steps: int, size: str) -> Result:
+def bench_stage1(workdir: Path, steps: int, size: str, workers: int | None, name: str) -> Result:
     world, image_root = world_paths(workdir)
-    out = workdir / "runs" / f"stage1-{size}"
+    out = workdir / "runs" / name
     config = CompressConfig(
         model=str(model_dir(workdir, size)),
         data=[str(world / "stage1" / "conversations.jsonl")],
         image_root=str(image_root),
         out=str(out),
         num_tokens=NUM_TOKENS,
-        train=train_settings(BATCH, steps, micro_batch=STAGE1_MICRO_BATCH),
+        train=train_settings(BATCH, steps, micro_batch=STAGE1_MICRO_BATCH, workers=workers),
         lora=LoraSettings(),
     )
     run_stage("compress", config)
-    rate, tokens, measured, seconds = loop_throughput(out, BATCH)
-    return Result(f"stage1-{size}", rate, "samples/s", tokens, measured, seconds, note="LoRA/DoRA, micro 8")
+    rate, tokens, measured, seconds, share = loop_throughput(out, BATCH)
+    return Result(name, rate, "samples/s", tokens, measured, seconds, note="LoRA/DoRA, micro 8",
+                  data_wait_share=share)  # fmt: skip
 
 
-def bench_stage2(workdir: Path, steps: int, size: str, grad_cache: bool, batch: int) -> Result:
+def bench_stage2(
+    workdir: Path, steps: int, size: str, grad_cache: bool, batch: int, workers: int | None, name: str
+) -> Result:
     world, image_root = world_paths(workdir)
-    name = stage2_name(size, grad_cache, batch)
     out = workdir / "runs" / name
     chunk = GRAD_CACHE_CHUNK if grad_cache else None
     config = MatchConfig(
@@ -238,13 +261,13 @@ def bench_stage2(workdir: Path, steps: int, size: str, grad_cache: bool, batch: 
         query_chunk_size=chunk,
         target_chunk_size=chunk,
         num_tokens=NUM_TOKENS,
-        train=train_settings(batch, steps),
+        train=train_settings(batch, steps, workers=workers),
         lora=LoraSettings(),
     )
     run_stage("match", config)
-    rate, tokens, measured, seconds = loop_throughput(out, batch)
+    rate, tokens, measured, seconds, share = loop_throughput(out, batch)
     note = f"LoRA/DoRA, {'GradCache chunks 8/8' if grad_cache else 'plain'}, batch {batch}"
-    return Result(name, rate, "pairs/s", tokens, measured, seconds, note=note)
+    return Result(name, rate, "pairs/s", tokens, measured, seconds, note=note, data_wait_share=share)
 
 
 def stage2_name(size: str, grad_cache: bool, batch: int) -> str:
@@ -252,23 +275,44 @@ def stage2_name(size: str, grad_cache: bool, batch: int) -> str:
     return f"stage2-{'gc' if grad_cache else 'plain'}{suffix}-{size}"
 
 
-def configurations(sizes: list[str], quick: bool) -> dict[str, Callable[[Path, int], Result]]:
-    """Configuration name -> benchmark(workdir, steps), in run order."""
+BEFORE = "before"  # the --baseline code, with its own data path
+
+
+def variants(workers: list[str], baseline: bool) -> list[str]:
+    """Suffixes of one stage configuration: the baseline code first, then each worker setting."""
+    return ([BEFORE] if baseline else []) + [f"w{count}" for count in workers]
+
+
+def worker_count(variant: str) -> int | None:
+    return None if variant in (BEFORE, "wauto") else int(variant.removeprefix("w"))
+
+
+def configurations(
+    sizes: list[str], quick: bool, workers: list[str], baseline: bool
+) -> dict[str, Callable[[Path, int], Result]]:
+    """Configuration name -> benchmark(workdir, steps), in run order; stage runs side by side per variant."""
     plan: dict[str, Callable[[Path, int], Result]] = {}
     for size in sizes:
         plan[f"encode-{size}"] = partial(bench_encode, size=size)
         plan[f"raw-{size}"] = partial(bench_raw, size=size)
-        plan[f"stage1-{size}"] = partial(bench_stage1, size=size)
+        for variant in variants(workers, baseline):
+            name = f"stage1-{size}-{variant}"
+            plan[name] = partial(bench_stage1, size=size, workers=worker_count(variant), name=name)
         batches = [BATCH] if quick or size != "tiny" else [BATCH, LARGE_BATCH]
         for batch in batches:
             for grad_cache in (True, False):
-                name = stage2_name(size, grad_cache, batch)
-                plan[name] = partial(bench_stage2, size=size, grad_cache=grad_cache, batch=batch)
+                for variant in variants(workers, baseline):
+                    name = f"{stage2_name(size, grad_cache, batch)}-{variant}"
+                    plan[name] = partial(bench_stage2, size=size, grad_cache=grad_cache, batch=batch,
+                                         workers=worker_count(variant), name=name)  # fmt: skip
     return plan
 
 
 def run_one(name: str, workdir: Path, steps: int, result_file: Path) -> None:
-    all_configs = configurations(list(SIZES), quick=False)
+    # The plan for this one name's worker setting (its suffix), so that the name is in it.
+    suffix = name.rsplit("-", 1)[-1]
+    workers = [suffix.removeprefix("w")] if suffix.startswith("w") else ["0"]
+    all_configs = configurations(list(SIZES), quick=False, workers=workers, baseline=True)
     if name not in all_configs:
         raise SystemExit(f"unknown configuration {name!r}; choose one of {', '.join(all_configs)}")
     seed_everything(SEED)
@@ -288,14 +332,20 @@ def prepare(workdir: Path, sizes: list[str]) -> None:
         init_model(model_dir(workdir, size), family="qwen2_vl", size=size, tokenizer="bpe", seed=SEED)
 
 
-def run_in_subprocess(name: str, workdir: Path, steps: int, threads: int | None) -> Result:
+def run_in_subprocess(
+    name: str, workdir: Path, steps: int, threads: int | None, baseline: Path | None
+) -> Result:
     result_file = workdir / "results" / f"{name}.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--workdir", str(workdir),
                "--steps", str(steps), "--result", str(result_file)]  # fmt: skip
     if threads is not None:
         command += ["--threads", str(threads)]
+    env = dict(os.environ)
+    if name.endswith(f"-{BEFORE}"):
+        # Ahead of the editable install's path entry: this configuration imports the baseline's coma.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(baseline / "src"), env.get("PYTHONPATH")]))
     start = time.perf_counter()
-    process = subprocess.run(command, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    process = subprocess.run(command, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, env=env)
     seconds = time.perf_counter() - start
     if process.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {process.returncode}):\n{process.stderr[-4000:]}")
@@ -305,14 +355,19 @@ def run_in_subprocess(name: str, workdir: Path, steps: int, threads: int | None)
 
 
 def format_table(results: list[Result]) -> str:
-    header = ("config", "rate", "unit", "tokens/s", "peak RSS MB", "seconds", "steps", "note")
-    rows = [
-        (r.config, f"{r.rate:.1f}", r.unit, "-" if r.tokens_per_s is None else f"{r.tokens_per_s:.0f}",
-         f"{r.peak_rss_mb:.0f}", f"{r.seconds:.1f}", str(r.measured_steps), r.note)
-        for r in results
-    ]  # fmt: skip
+    header = ("config", "rate", "unit", "tokens/s", "step ms", "data wait ms", "compute ms", "wait %",
+              "peak RSS MB", "seconds", "steps", "note")  # fmt: skip
+    rows = []
+    for r in results:
+        step_ms = 1000 * r.measured_s / r.measured_steps
+        wait = None if r.data_wait_share is None else r.data_wait_share * step_ms
+        rows.append((r.config, f"{r.rate:.1f}", r.unit, "-" if r.tokens_per_s is None else f"{r.tokens_per_s:.0f}",
+                     f"{step_ms:.0f}", "-" if wait is None else f"{wait:.0f}",
+                     "-" if wait is None else f"{step_ms - wait:.0f}",
+                     "-" if wait is None else f"{100 * r.data_wait_share:.1f}",
+                     f"{r.peak_rss_mb:.0f}", f"{r.seconds:.1f}", str(r.measured_steps), r.note))  # fmt: skip
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    numeric = {1, 3, 4, 5, 6}
+    numeric = set(range(1, 11)) - {2}
 
     def line(cells: tuple[str, ...]) -> str:
         return "  ".join(
@@ -321,6 +376,21 @@ def format_table(results: list[Result]) -> str:
         ).rstrip()
 
     return "\n".join([line(header), line(tuple("-" * width for width in widths)), *(line(r) for r in rows)])
+
+
+def ratio_lines(results: list[Result]) -> list[str]:
+    """Each stage configuration's variants against its first one (the baseline code, else 0 workers)."""
+    groups: dict[str, list[Result]] = {}
+    for result in results:
+        base, _, variant = result.config.rpartition("-")
+        if variant == BEFORE or variant.startswith("w"):
+            groups.setdefault(base, []).append(result)
+    lines = []
+    for base, group in groups.items():
+        first = group[0]
+        lines += [f"{base}: {r.config.rpartition('-')[2]} / {first.config.rpartition('-')[2]} = "
+                  f"{r.rate / first.rate:.2f}x" for r in group[1:]]  # fmt: skip
+    return lines
 
 
 def environment() -> dict[str, object]:
@@ -343,6 +413,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's, one a core)"
     )
+    parser.add_argument(
+        "--workers",
+        default="0,auto",
+        help="DataLoader worker settings of the stage runs: 0,auto (auto: default)",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a checkout of earlier code: stage runs on it too (-before)",
+    )
+    parser.add_argument("--only", default=None, help="run only configurations starting with one of: a,b")
     # Internal: run one configuration against an existing work folder (the driver's subprocesses).
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -360,6 +442,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--threads must be >= 1")
     if args.one is not None and (args.workdir is None or args.result is None):
         parser.error("--one needs --workdir and --result")
+    args.workers = [value.strip() for value in args.workers.split(",") if value.strip()]
+    if not args.workers or not all(value == "auto" or value.isdigit() for value in args.workers):
+        parser.error("--workers: comma-separated counts or auto")
+    if args.baseline is not None and not (args.baseline / "src" / "coma").is_dir():
+        parser.error(f"--baseline: {args.baseline} holds no src/coma")
+    args.only = [value.strip() for value in args.only.split(",")] if args.only else None
     return args
 
 
@@ -386,14 +474,18 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         prepare(workdir, args.sizes)
         print(f"prepared models and world in {time.perf_counter() - started:.1f} s")
-        for name in configurations(args.sizes, args.quick):
-            result = run_in_subprocess(name, workdir, args.steps, args.threads)
+        plan = configurations(args.sizes, args.quick, args.workers, args.baseline is not None)
+        for name in plan:
+            if args.only and not name.startswith(tuple(args.only)):
+                continue
+            result = run_in_subprocess(name, workdir, args.steps, args.threads, args.baseline)
             print(f"  {name}: {result.rate:.1f} {result.unit}, peak RSS {result.peak_rss_mb:.0f} MB, "
                   f"{result.seconds:.1f} s", flush=True)  # fmt: skip
             results.append(result)
     total = time.perf_counter() - started
     print()
     print(format_table(results))
+    print("\n".join(["", *ratio_lines(results)]))
     print(f"\ntotal {total:.1f} s")
     if args.json is not None:
         write_json(args.json, {"environment": env, "steps": args.steps, "warmup_steps": WARMUP_STEPS,
