@@ -69,6 +69,8 @@ def test_sampled_batches_report_the_consumed_position(workers):
     got = [stream.next() for _ in range(3)]
     state = stream.state_dict()  # the workers have run ahead; the position is still after step 3
     assert state["position"] == 3 * 4
+    if workers:
+        assert stream.sampler.state_dict()["position"] > state["position"]  # drawn ahead for the workers
     resumed = SampledBatches(_sampler(), _keys, steps=6, num_workers=workers, pin=False)
     resumed.load_state_dict(state)
     got += [resumed.next() for _ in range(3)]

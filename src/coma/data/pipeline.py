@@ -306,6 +306,8 @@ class SampledBatches(Generic[Batch]):
         except StopIteration:
             self.close()
             raise RuntimeError(f"the run has {self.steps} steps; no batch left after the last one") from None
+        if self.steps is not None and self._steps_done(self._state) >= self.steps:
+            self.close()  # the last step: free the workers now, not when the task is collected
         return batch
 
     def state_dict(self) -> dict:
