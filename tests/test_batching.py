@@ -244,3 +244,21 @@ def test_scoring_holds_one_dataset_not_the_benchmark(tmp_path):
     everything = len(collected.keys) * 2048 * 4
     # One dataset's rows are 1/8 of the benchmark; loading every row (or a whole shard) would be all of it.
     assert peak < everything / 3, f"scoring peaked at {peak / 2**20:.1f} MiB of {everything / 2**20:.1f} MiB"
+
+
+def test_cli_batching_flags():
+    import argparse
+
+    from coma.commands.encode import add_batching_arguments, batching_options
+
+    parser = argparse.ArgumentParser()
+    add_batching_arguments(parser)
+    parser.add_argument("--device", default=None)
+    options = batching_options(parser.parse_args(["--device", "cpu"]))
+    assert options == {"batch_size": 32, "max_batch_tokens": 16384, "num_workers": 0}, (
+        "CPU: collate in-process"
+    )
+    options = batching_options(parser.parse_args(["--max-batch-tokens", "0", "--num-workers", "3"]))
+    assert (options["max_batch_tokens"], options["num_workers"]) == (None, 3)
+    with pytest.raises(ValueError, match="--max-batch-tokens"):
+        batching_options(parser.parse_args(["--max-batch-tokens", "-1"]))
