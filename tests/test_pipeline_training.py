@@ -272,3 +272,31 @@ def test_workers_resume_exactly_after_a_kill(tiny_model_dir, world, tmp_path, st
     assert [record["step"] for record in resumed] == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in inline], rtol=0, atol=1e-6)
     assert all(record["data_wait_s"] >= 0 for record in resumed)
+
+
+def test_the_worker_side_of_both_stages_pickles(tiny_model_dir, world, tmp_path):
+    """Spawned workers (macOS, Python 3.14's forkserver, processes started by mp.spawn) get pickled copies."""
+    import pickle
+
+    from coma.train.compress import CompressConfig, CompressTask
+    from coma.train.config import TrainSettings
+    from coma.train.loop import DistInfo
+    from coma.train.match import MatchConfig, MatchTask
+
+    def settings() -> TrainSettings:
+        return TrainSettings(
+            global_batch_size=8, micro_batch_size=4, max_steps=2, num_workers=2, show_progress=False
+        )
+
+    common = {"model": str(tiny_model_dir), "image_root": str(world / "images"), "num_tokens": 4}
+    tasks = [
+        CompressTask(CompressConfig(data=[str(world / "stage1" / "conversations.jsonl")], out=str(tmp_path / "s1"),
+                                    max_length=256, train=settings(), **common), DistInfo()),
+        MatchTask(MatchConfig(data=str(world / "train"), out=str(tmp_path / "s2"), block_size=4, train=settings(),
+                              **common), DistInfo()),
+    ]  # fmt: skip
+    for task in tasks:
+        prepare = task.batches.pipeline.prepare.prepare
+        job = task.batches.make_job(task.sampler.next_batch())
+        copy = pickle.loads(pickle.dumps(prepare))
+        assert type(copy(job)) is type(prepare(job))

@@ -332,11 +332,20 @@ class PairCollator:
         self.skipped_rows: set[tuple[str, int]] = set()
         self.placeholder = embedder.config.image_placeholder
         self.images = DecodedImageCache(image_cache_bytes) if image_cache_bytes > 0 else None
+        self._resolve = self._path_cache()
+
+    def _path_cache(self):
         # Resolving a path walks the file system (~0.2 ms) and each row's paths are resolved twice per step; the
         # bound keeps a one-epoch run over millions of rows from holding every path.
-        self._resolve = functools.lru_cache(maxsize=2**16)(
-            functools.partial(resolve_image_path, root=image_root)
-        )
+        return functools.lru_cache(maxsize=2**16)(functools.partial(resolve_image_path, root=self.image_root))
+
+    def __getstate__(self) -> dict:
+        # A spawned DataLoader worker gets a pickled copy: the path cache cannot be pickled and starts empty there.
+        return {key: value for key, value in self.__dict__.items() if key != "_resolve"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._resolve = self._path_cache()
 
     def inputs(self, pairs: Sequence[TrainPair]) -> PairInputs:
         """Split rows into the three groups; image files are checked (and decoded) here, so errors name the row."""
