@@ -55,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args._run(args)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as error:  # ImportError: a missing extra
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        ImportError,
+    ) as error:  # ImportError: a missing extra
         print(f"coma {args.command}: error: {error}", file=sys.stderr)
         return 1
     return int(result or 0)
