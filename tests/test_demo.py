@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +39,24 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
     assert (tmp_path / "report.png").stat().st_size > 1000
     assert "| arm |" in capsys.readouterr().out
 
+    # Diagnostics of every model: probes and collapse; QA with and without the image for stage 0 (whole image)
+    # and both stage-1 models (through the tokens); zero-shot scores before matching.
+    from coma.demo.diagnostics import PROBE_GROUPS
+
+    diagnostics = report["diagnostics"]
+    assert set(diagnostics) == {"random", "stage0", "stage1_bottleneck", "stage1_none", *ARMS}
+    for name, row in diagnostics.items():
+        assert set(row["probe"]) == set(PROBE_GROUPS) and all(0 <= v <= 1 for v in row["probe"].values()), (
+            name
+        )
+        assert 0 < row["top_direction_share"] <= 1
+        assert ("qa" in row) == (name in ("stage0", "stage1_bottleneck", "stage1_none"))
+        assert ("zero_shot" in row) == ("qa" in row)
+    for condition in ("image", "blank"):
+        assert set(diagnostics["stage0"]["qa"][condition]) == {*report["qa_majority"]}
+    assert "Stage 0's generative QA" in markdown and "| stage 1, no bottleneck |" in markdown
+    assert list((tmp_path / "cache").glob("stage0-*/diagnostics-*.json")), "stage 0's diagnostics are cached"
+
     # Stage 0 is cached: a second run reuses it instead of training again.
     stage0_dirs = list((tmp_path / "cache").glob("stage0-*"))
     assert len(stage0_dirs) == 1
@@ -46,6 +67,11 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
     world = next(tmp_path.glob("world-*"))
     base = next((tmp_path / "cache").glob("base-*"))
     assert stage0(config, world, base, tmp_path, 0) == stage0_dirs[0]
+    # The key is the recipe, not the progress bar nor the spelling of the output folder.
+    relative = Path(os.path.relpath(tmp_path))
+    assert stage0(replace(config, show_progress=True), world, base, relative, 0) == relative / stage0_dirs[
+        0
+    ].relative_to(tmp_path)
     assert (stage0_dirs[0] / "model.safetensors").stat().st_mtime_ns == stamp
 
     # Stage 1 trained on what `coma generate` got from the scripted teacher over HTTP: the world's scripted
@@ -58,6 +84,27 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
     scripted = read_conversations(world / "stage1" / "conversations.jsonl")
     assert [(c.image, c.turns) for c in read_conversations(teacher)] == [(c.image, c.turns) for c in scripted]
 
+    # The study's smoke test (what CI runs of it): one budget, one seed, reusing this folder's world and stage 0.
+    assert main(["demo", "--study", "--quick", "--seeds", "1", "--budgets", "10", "--out", str(tmp_path),
+                 "--stage1-turns", "single", "--no-progress"]) == 0  # fmt: skip
+    assert (stage0_dirs[0] / "model.safetensors").stat().st_mtime_ns == stamp
+    study = json.loads((tmp_path / "study.json").read_text())
+    assert study["budgets"] == [10] and study["seeds"] == [0]
+    for arm in ARMS:
+        point = study["per_seed"][f"0/{arm}/10"]
+        assert 0 <= point["summary"]["overall"] <= 1 and set(point["probe"]) == set(PROBE_GROUPS)
+    assert study["per_seed"]["0/match_only_compute/10"]["steps"] == 10 + study["extra_steps"]["0/10"]
+    assert math.isnan(study["paired"]["coma_minus_match_only"]["10"]["low"])  # one seed: no interval
+    single = [c for c in read_conversations(study_stage1_data(tmp_path)) if c.id.endswith("-t0")]
+    assert single and all(len(c.turns) == 1 for c in single)
+    study_md = (tmp_path / "study.md").read_text()
+    assert "(b) − (a)" in study_md and "(one seed: no interval)" in study_md and "[+nan" not in study_md
+    assert (tmp_path / "study.png").stat().st_size > 1000
+
+
+def study_stage1_data(out):
+    return json.loads((out / "seed0" / "stage1" / "run_config.json").read_text())["config"]["data"][0]
+
 
 @pytest.mark.slow
 def test_full_demo_arms_learn(tmp_path):
@@ -67,6 +114,26 @@ def test_full_demo_arms_learn(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     for arm in ARMS:
         assert report["table"][arm]["overall"]["mean"] > report["chance"]["overall"], arm
+    # Stage 0 sees: its answers follow the image (colour and word questions most of all), not only the text prior.
+    qa = report["diagnostics"]["stage0"]["qa"]
+    assert qa["image"]["all"] > qa["blank"]["all"] + 0.15
+    for kind in ("colour", "word"):
+        assert qa["image"][kind] > qa["blank"][kind] + 0.2, kind
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--budgets", "10"], "--budgets is a setting of --study"),
+        (["--study", "--stage2-steps", "10"], "--study sets the matching steps with --budgets"),
+        (["--study", "--budgets", "0,10"], "--budgets must be positive step counts"),
+        (["--seeds", "0"], "--seeds must be at least 1"),
+    ],
+)
+def test_demo_refuses_inconsistent_flags(tmp_path, capsys, flags, message):
+    assert main(["demo", "--out", str(tmp_path), *flags]) == 1
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_demo_refuses_zero_workers(tmp_path, capsys):

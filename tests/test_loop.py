@@ -98,7 +98,6 @@ def test_resume_on_another_world_size_keeps_the_data_position(tmp_path, capsys):
     state_file.write_text(json.dumps({"step": 4, "world_size": 2}))
     task = ToyTask(6)
     summary = train(task, TrainSettings(**SETTINGS), tmp_path, dist_info=DistInfo(), resume=True)
-    assert (
-        summary["resumed_from"] == 4 and task.position == 6 * 8
-    )  # rank 0's position after step 4, then 2 steps
+    # Rank 0's position after step 4, then 2 steps.
+    assert summary["resumed_from"] == 4 and task.position == 6 * 8
     assert "written by 2 process(es), resumed on 1" in capsys.readouterr().out

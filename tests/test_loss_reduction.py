@@ -47,7 +47,9 @@ def assert_same(a: tuple[float, dict], b: tuple[float, dict]) -> None:
     assert a[0] == pytest.approx(b[0], abs=1e-6)
     assert a[1].keys() == b[1].keys() and a[1]
     for name in a[1]:
-        torch.testing.assert_close(a[1][name], b[1][name], atol=1e-6, rtol=1e-5)
+        # fp32 sums in another order (per micro-batch, per rank, then all-reduced) differ by a few 1e-6 on the
+        # larger entries; the wrong reduction moves gradients by percents.
+        torch.testing.assert_close(a[1][name], b[1][name], atol=5e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("reduction", ["sample", "token"])

@@ -55,12 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args._run(args)
-    except (
-        FileNotFoundError,
-        FileExistsError,
-        ValueError,
-        ImportError,
-    ) as error:  # ImportError: a missing extra
+    # ImportError: a missing extra.
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as error:
         print(f"coma {args.command}: error: {error}", file=sys.stderr)
         return 1
     return int(result or 0)

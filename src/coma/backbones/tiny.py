@@ -59,6 +59,7 @@ red green blue yellow purple orange cyan white black grey pink brown circle squa
 ring heart small large big tiny top bottom left right middle center centre above below next to beside one two three
 four five six seven eight nine ten zero yes no none the a an of and with in on at is are there image picture photo
 object objects shape shapes colour color size position word text scene background a photo of a dog a cat a car.
+nothing written sun map key box cup pen hat fox owl bus row column directly
 """
 
 
@@ -210,8 +211,13 @@ REAL_LAYERS = 2
 REAL_VISION_LAYERS = 2
 
 
-def _training_corpus() -> list[str]:
-    return [line for line in (GENERAL_TEXT + DOMAIN_TEXT).splitlines() if line.strip()] * 4
+def tokenizer_corpus() -> list[str]:
+    """The text the tiny BPE is trained on."""
+    lines = [line for line in (GENERAL_TEXT + DOMAIN_TEXT).splitlines() if line.strip()]
+    # Each domain word alone as well: an answer starts without a space, and a real Qwen vocabulary holds "green"
+    # as one token next to " green" (split into letters, a one-word answer's first token would be ambiguous).
+    words = sorted({word.strip(".,?!") for word in DOMAIN_TEXT.split()})
+    return (lines + words) * 4
 
 
 def build_bpe_tokenizer(vocab_size: int = 1024) -> Qwen2Tokenizer:
@@ -233,7 +239,7 @@ def build_bpe_tokenizer(vocab_size: int = 1024) -> Qwen2Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_training_corpus(), trainer)
+    tokenizer.train_from_iterator(tokenizer_corpus(), trainer)
     merges = [tuple(merge) for merge in json.loads(tokenizer.to_str())["model"]["merges"]]
     return _with_qwen_specials(Qwen2Tokenizer(vocab=tokenizer.get_vocab(), merges=merges))
 

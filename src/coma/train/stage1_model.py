@@ -35,7 +35,14 @@ from coma.masks import (
 )
 from coma.train.stage1_data import IGNORE_INDEX
 
-__all__ = ["MASK_MODES", "REDUCTIONS", "Stage1Objective", "LayerMaskSwap", "Stage1Output"]
+__all__ = [
+    "MASK_MODES",
+    "REDUCTIONS",
+    "Stage1Objective",
+    "LayerMaskSwap",
+    "Stage1Output",
+    "next_token_targets",
+]
 
 MASK_MODES = ("bottleneck", "none", "split_layer")
 REDUCTIONS = ("mean", "sum", "sample_sum")
@@ -95,6 +102,14 @@ class LayerMaskSwap:
         elif incoming is None or incoming is not self.received[index]:
             return None
         return _swap_attention_mask(self.masks[index], module, args, kwargs)
+
+
+def next_token_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Position i predicts token i + 1: the (B, L) mask of positions whose next token is supervised, and those
+    tokens in row-major order."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep, labels[:, 1:][keep[:, :-1]]
 
 
 def _compute_dtype(backbone: nn.Module) -> torch.dtype:
@@ -229,12 +244,8 @@ class Stage1Objective(nn.Module):
             )
 
     def forward(self, batch: dict[str, Any]) -> Stage1Output:
-        labels = batch["labels"]
         total = int(batch["attention_mask"].sum())
-        # Position i predicts token i + 1: keep the hidden states whose next token is supervised.
-        keep = torch.zeros_like(labels, dtype=torch.bool)
-        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        targets = labels[:, 1:][keep[:, :-1]]
+        keep, targets = next_token_targets(batch["labels"])
         supervised = targets.numel()
         if supervised == 0:
             return Stage1Output(self._zero_loss(), 0, total)

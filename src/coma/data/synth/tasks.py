@@ -355,7 +355,8 @@ def conversation(record_id: str, image: str, turns: Sequence[tuple[str, str]]) -
 def build_stage0(
     rng: np.random.Generator, n_scenes: int, pairs: Sequence[Pair], bank: ImageBank
 ) -> list[dict]:
-    """One multi-turn record per scene: a caption or the object list, then 2-3 simple questions.
+    """One multi-turn record per scene: a caption or the object list (two times in three), then simple questions,
+    3-4 turns in all; a third of the records open with a question, as a VQA query does.
 
     Several supervised answers per image make the answers depend on the image much sooner than one turn does:
     a random model first learns the text prior, and only many image-dependent tokens pull it off that prior.
@@ -365,11 +366,14 @@ def build_stage0(
     for i in range(n_scenes):
         scene = sample_scene(rng, pairs, n_objects=(1, 4))
         image = bank.path("stage0", ImageSpec(scene))
-        if rng.random() < 0.5:
-            opener = (_pick(rng, CAPTION_PROMPTS), caption(scene))
+        draw = rng.random()
+        if draw < 1 / 3:
+            openers = [(_pick(rng, CAPTION_PROMPTS), caption(scene))]
+        elif draw < 2 / 3:
+            openers = [(_pick(rng, LIST_PROMPTS), object_list(scene))]
         else:
-            opener = (_pick(rng, LIST_PROMPTS), object_list(scene))
-        turns = question_turns(scene, rng, allowed, [opener], int(rng.integers(3, 5)))
+            openers = []
+        turns = question_turns(scene, rng, allowed, openers, int(rng.integers(3, 5)))
         records.append(conversation(f"stage0-{i:06d}", image, turns))
     return records
 

@@ -35,6 +35,9 @@ from coma.data.synth.tasks import (
 from coma.io import atomic_open, atomic_write_text, write_json, write_jsonl
 
 FORMAT_VERSION = 1
+# Bumped whenever the same seed and size plan different data (2: a third of the stage-0 records open with a
+# question), so caches keyed by it never mix worlds.
+GENERATOR_VERSION = 2
 IMAGE_ROOT = "images"
 # Everything generate_world may create in OUT; a re-run replaces exactly these and nothing else.
 WRITE_THREADS = 4
@@ -127,6 +130,7 @@ def world_manifest(plan: WorldPlan, image_size: int, files: dict[str, int]) -> d
     return {
         "generator": "coma.data.synth",
         "format_version": FORMAT_VERSION,
+        "generator_version": GENERATOR_VERSION,
         "seed": plan.seed,
         "size": plan.size,
         "preset": asdict(PRESETS[plan.size]),

@@ -2,7 +2,8 @@
 
 From one stage-0 model (a random tiny VLM instruction-tuned on the world's captions and QA) it trains
 (a) matching only, (b) compression then matching (CoMa) and (c) matching only with extra steps worth stage 1's
-compute, evaluates all three with the MMEB harness and writes an MMEB-style table.
+compute, evaluates all three with the MMEB harness and writes an MMEB-style table, beside the diagnostics of every
+model (:mod:`coma.demo.diagnostics`; stage 1 is also trained with the other attention mask for them).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class DemoConfig:
     family: str = "qwen2_vl"
     model_size: str = "tiny"
     num_tokens: int = 8
-    stage0_epochs: float = 2.5
+    # Stage 0 until the model reads its images: colour and word answers start to follow the image only after
+    # about 600 steps at batch 32 (500 steps: none; 1000: half the colour questions right).
+    stage0_epochs: float = 16.0
     stage0_lr: float = 2e-3
     stage0_batch_size: int = 32
     # Stage 1 as in the paper: one epoch at the matching learning rate (and, here, the matching batch size).
@@ -55,6 +58,10 @@ class DemoConfig:
     stage1_batch_size: int = 16
     # "none" is the ablation: stage 1's answers also see the image directly, not only through the tokens.
     stage1_mask_mode: str = "bottleneck"
+    # The paper's stage-1 ablation axes: what is supervised, and what data stage 1 sees (see stage1_variant).
+    stage1_supervise: str = "answers"
+    stage1_turns: str = "multi"
+    stage1_data: str = "qa"
     # Small batches, many steps: at equal compute, 16 x 520 steps beat 64 x 130 (16.6 vs 9.0 overall P@1).
     stage2_steps: int = 400
     stage2_lr: float = 1e-3
@@ -63,6 +70,8 @@ class DemoConfig:
     symmetric: bool = True
     eval_batch_size: int = 64
     eval_queries: int | None = None
+    # Held-out images behind the diagnostics (QA accuracy, linear probes, collapse).
+    diagnostic_images: int = 300
     # Arms run side by side in this many processes (one thread each): a tiny model keeps one core only
     # partly busy, so two single-thread processes do ~1.6x the work of one two-thread process.
     workers: int = 2
@@ -77,7 +86,7 @@ class DemoConfig:
 
 def quick_config(config: DemoConfig) -> DemoConfig:
     """The CI smoke-test setting: a small world and a few steps of everything."""
-    return replace(config, world_size="small", stage2_steps=30)
+    return replace(config, world_size="small", stage0_epochs=4.0, stage2_steps=30, diagnostic_images=60)
 
 
 class Phases:
@@ -92,7 +101,7 @@ class Phases:
         result, seconds = _timed(function, *args, **kwargs)
         return self._done(name, result, seconds)
 
-    def submit(self, name: str, function, *args, threads: int = 1) -> Future:
+    def submit(self, name: str, function, *args, threads: int = 1, **kwargs) -> Future:
         """Start a phase; its Future gives the phase's result once it has finished and been logged.
 
         In the pool the phase runs on ``threads`` torch threads (the workers' default is one): a phase that runs
@@ -101,13 +110,13 @@ class Phases:
         if self.pool is None:
             done: Future = Future()
             try:
-                done.set_result(self.run(name, function, *args))
+                done.set_result(self.run(name, function, *args, **kwargs))
             except Exception as error:  # noqa: BLE001 - handed to the caller through the Future, as a pool would
                 done.set_exception(error)
             return done
         print(f"== {name} (started)", flush=True)
         logged: Future = Future()
-        inner = self.pool.submit(_timed, _on_torch_threads, threads, function, *args)
+        inner = self.pool.submit(_timed, _on_torch_threads, threads, function, *args, **kwargs)
         inner.add_done_callback(lambda f: _relay(f, logged, lambda r: self._done(name, *r)))
         return logged
 
@@ -122,13 +131,13 @@ def _timed(function, *args, **kwargs) -> tuple[Any, float]:
     return function(*args, **kwargs), time.perf_counter() - start
 
 
-def _on_torch_threads(threads: int, function, *args) -> Any:
+def _on_torch_threads(threads: int, function, *args, **kwargs) -> Any:
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return function(*args)
+        return function(*args, **kwargs)
     finally:
         torch.set_num_threads(previous)
 
@@ -168,19 +177,22 @@ def _key(*parts: Any) -> str:
 
 def ensure_world(config: DemoConfig, out: Path) -> Path:
     from coma.data.synth import generate_world
+    from coma.data.synth.writer import GENERATOR_VERSION
 
-    world = out / f"world-s{config.world_seed}-{config.world_size}"
+    world = out / f"world-s{config.world_seed}-{config.world_size}-g{GENERATOR_VERSION}"
     if not (world / "world.json").is_file():
         generate_world(world, seed=config.world_seed, size=config.world_size)
     return world
 
 
 def ensure_base_model(config: DemoConfig, out: Path, seed: int) -> Path:
-    from coma.backbones.tiny import init_model
+    from coma.backbones import tiny
 
-    path = out / "cache" / f"base-{config.family}-{config.model_size}-s{seed}"
+    # Keyed by what the random model is built from (widths, tokenizer corpus), not only by its name.
+    build = _key(repr(tiny.SIZES[config.model_size]), tiny.tokenizer_corpus())
+    path = out / "cache" / f"base-{config.family}-{config.model_size}-s{seed}-{build}"
     if not (path / "config.json").is_file():
-        init_model(path, family=config.family, size=config.model_size, seed=seed)
+        tiny.init_model(path, family=config.family, size=config.model_size, seed=seed)
     return path
 
 
@@ -207,7 +219,13 @@ def stage0(config: DemoConfig, world: Path, base: Path, out: Path, seed: int) ->
         num_tokens=config.num_tokens, layout="chat", max_length=512, train=settings,
         lora=TINY_MODEL_TRAINING,
     )  # fmt: skip
-    path = out / "cache" / f"stage0-s{seed}-{_key(asdict(stage_config), world.name)}"
+    # Keyed by what shapes the weights: not by where the output folder is (``--out runs/x`` and its absolute path
+    # share a cache), nor by whether a progress bar was shown.
+    recipe = asdict(stage_config)
+    recipe.update(
+        model=base.name, data=None, image_root=None, train={**recipe["train"], "show_progress": None}
+    )
+    path = out / "cache" / f"stage0-s{seed}-{_key(recipe, world.name)}"
     if not (path / "coma_config.json").is_file():
         stage_config.out = str(path)
         run_stage("compress", stage_config)
@@ -240,7 +258,52 @@ def teacher_data(world: Path, out: Path) -> Path:
     return path
 
 
-def stage1(config: DemoConfig, world: Path, data: Path, model: Path, out: Path, seed: int) -> dict[str, Any]:
+STAGE1_TURNS = ("multi", "single")
+STAGE1_DATA = ("qa", "caption")
+
+
+def stage1_variant(config: DemoConfig, world: Path, teacher: Path, out: Path) -> Path:
+    """Stage 1's data for the ablation axes: the teacher's multi-turn QA as it is (the default), each of its
+    turns as a record of its own (``single``: the same answers, one per image pass), or one caption per image
+    (``caption``: "Describe the image." and the scene's full caption). Cached per world."""
+    if config.stage1_turns not in STAGE1_TURNS:
+        raise ValueError(f"stage1_turns must be one of {STAGE1_TURNS}, got {config.stage1_turns!r}")
+    if config.stage1_data not in STAGE1_DATA:
+        raise ValueError(f"stage1_data must be one of {STAGE1_DATA}, got {config.stage1_data!r}")
+    if config.stage1_data == "qa" and config.stage1_turns == "multi":
+        return teacher
+    from coma.data.formats import read_conversations
+    from coma.data.synth.scenes import caption
+    from coma.data.synth.tasks import CAPTION_PROMPTS, conversation
+    from coma.demo.diagnostics import world_scenes
+    from coma.io import write_jsonl
+
+    path = out / "cache" / f"{teacher.stem}-{config.stage1_data}-{config.stage1_turns}.jsonl"
+    if path.is_file():
+        return path
+    conversations = read_conversations(teacher)
+    if config.stage1_data == "caption":
+        scenes = world_scenes(world)
+        records = [conversation(conv.id, conv.image, [(CAPTION_PROMPTS[0], caption(scenes[conv.image]))])
+                   for conv in conversations]  # fmt: skip
+    else:
+        records = [conversation(f"{conv.id}-t{number}", conv.image, [turn])
+                   for conv in conversations for number, turn in enumerate(conv.turns)]  # fmt: skip
+    write_jsonl(path, records)
+    return path
+
+
+def stage1(
+    config: DemoConfig,
+    world: Path,
+    data: Path,
+    model: Path,
+    out: Path,
+    seed: int,
+    mask_mode: str | None = None,
+) -> dict[str, Any]:
+    """Compression pre-training from ``model``; ``mask_mode`` overrides the config's (the diagnostics train the
+    other mode too)."""
     from coma.train.compress import CompressConfig
     from coma.train.run import run_stage
 
@@ -248,9 +311,9 @@ def stage1(config: DemoConfig, world: Path, data: Path, model: Path, out: Path, 
         config, seed, config.stage1_lr, config.stage1_batch_size, num_epochs=config.stage1_epochs
     )
     stage_config = CompressConfig(
-        model=str(model), data=[str(data)], image_root=str(world / "images"),
-        out=str(out), mask_mode=config.stage1_mask_mode, supervise="answers", max_length=512, train=settings,
-        lora=TINY_MODEL_TRAINING,
+        model=str(model), data=[str(data)], image_root=str(world / "images"), out=str(out),
+        mask_mode=mask_mode or config.stage1_mask_mode, supervise=config.stage1_supervise, max_length=512,
+        train=settings, lora=TINY_MODEL_TRAINING,
     )  # fmt: skip
     return run_stage("compress", stage_config)
 
@@ -280,6 +343,30 @@ def evaluate_arm(config: DemoConfig, world: Path, model: Path) -> dict[str, Any]
                     limit=config.eval_queries)  # fmt: skip
 
 
+def diagnose(
+    config: DemoConfig, world: Path, model: Path, *, qa_layout: str | None = None, zero_shot: bool = False
+) -> dict[str, Any]:
+    """What ``model`` stores about held-out images (:mod:`coma.demo.diagnostics`); with ``qa_layout`` also its QA
+    accuracy with and without the image, with ``zero_shot`` also its benchmark scores without matching."""
+    from coma.demo.diagnostics import held_out_images, model_diagnostics, qa_items
+
+    images = held_out_images(world, config.diagnostic_images)
+    result = model_diagnostics(model, world, images, qa_items(images, config.world_seed), qa_layout=qa_layout)
+    if zero_shot:
+        result["zero_shot"] = summary_row(evaluate_arm(config, world, model))
+    return result
+
+
+def diagnose_cached(config: DemoConfig, world: Path, model: Path, **kwargs: Any) -> dict[str, Any]:
+    """:func:`diagnose` of a cached model (stage 0), kept beside it: its result never changes."""
+    path = model / f"diagnostics-{_key(config.diagnostic_images, config.eval_queries, kwargs)}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    result = diagnose(config, world, model, **kwargs)
+    write_json(path, result)
+    return result
+
+
 def chance_scores(world: Path, limit: int | None = None) -> dict[str, float]:
     """Expected strict P@1 of random scores: the mean of 1 / (number of candidates), per column."""
     from coma.data.formats import read_mmeb_eval_dataset
@@ -304,6 +391,10 @@ def summary_row(scores: dict[str, Any]) -> dict[str, float]:
     return row
 
 
+def other_mask_mode(mode: str) -> str:
+    return "none" if mode == "bottleneck" else "bottleneck"
+
+
 def run_seed(
     config: DemoConfig, world: Path, data: Path, out: Path, seed: int, base: Path, phases: Phases
 ) -> dict[str, Any]:
@@ -312,15 +403,27 @@ def run_seed(
                          seed, threads=config.workers).result()  # fmt: skip
     run_dir = out / f"seed{seed}"
     steps = config.stage2_steps
+    mode, other = config.stage1_mask_mode, other_mask_mode(config.stage1_mask_mode)
     results: dict[str, Any] = {"stage0": str(warm)}
     # (a) and stage 1 -> (b) run side by side; (c) needs both stage 1's token count and (a)'s tokens per step.
     future_a = phases.submit(f"seed {seed}: (a) matching only", stage2, config, world, warm,
                              run_dir / "match_only", seed, steps)  # fmt: skip
     future_stage1 = phases.submit(f"seed {seed}: stage 1 (compression)", stage1, config, world, data, warm,
                                   run_dir / "coma_stage1", seed)  # fmt: skip
+    diagnostics = {
+        "random": phases.submit(f"seed {seed}: diagnostics, random model", diagnose_cached, config, world, base),
+        "stage0": phases.submit(f"seed {seed}: diagnostics, stage 0", diagnose_cached, config, world, warm,
+                                qa_layout="chat", zero_shot=True),
+    }  # fmt: skip
+    # Stage 1 with the other mask, for the diagnostics only: what the bottleneck changes in what is stored.
+    future_other = phases.submit(f"seed {seed}: stage 1 ({other} mask, diagnostics only)", stage1, config, world,
+                                 data, warm, run_dir / f"stage1_{other}", seed, other)  # fmt: skip
     compressed = future_stage1.result()
     future_b = phases.submit(f"seed {seed}: (b) CoMa matching", stage2, config, world, run_dir / "coma_stage1",
                              run_dir / "coma", seed, steps)  # fmt: skip
+    diagnostics[f"stage1_{mode}"] = phases.submit(f"seed {seed}: diagnostics, stage 1 ({mode})", diagnose, config,
+                                                  world, run_dir / "coma_stage1", qa_layout="compress",
+                                                  zero_shot=True)  # fmt: skip
     arms = {"match_only": future_a.result()}
     evaluations = {"match_only": phases.submit(f"seed {seed}: evaluate match_only", evaluate_arm, config, world,
                                                run_dir / "match_only")}  # fmt: skip
@@ -329,9 +432,17 @@ def run_seed(
     extra_steps = math.ceil(compressed["tokens"] / max(tokens_per_step, 1))
     future_c = phases.submit(f"seed {seed}: (c) matching only + {extra_steps} steps", stage2, config, world,
                              warm, run_dir / "match_only_compute", seed, steps + extra_steps)  # fmt: skip
+    future_other.result()
+    diagnostics[f"stage1_{other}"] = phases.submit(f"seed {seed}: diagnostics, stage 1 ({other})", diagnose,
+                                                   config, world, run_dir / f"stage1_{other}",
+                                                   qa_layout="compress", zero_shot=True)  # fmt: skip
+    diagnostics["match_only"] = phases.submit(f"seed {seed}: diagnostics, match_only", diagnose, config, world,
+                                              run_dir / "match_only")  # fmt: skip
     for arm, future in (("coma", future_b), ("match_only_compute", future_c)):
         arms[arm] = future.result()
         evaluations[arm] = phases.submit(f"seed {seed}: evaluate {arm}", evaluate_arm, config, world,
+                                         run_dir / arm)  # fmt: skip
+        diagnostics[arm] = phases.submit(f"seed {seed}: diagnostics, {arm}", diagnose, config, world,
                                          run_dir / arm)  # fmt: skip
     results["compute"] = {"stage1_tokens": compressed["tokens"], "stage2_tokens_per_step": tokens_per_step,
                           "extra_steps": extra_steps,
@@ -342,6 +453,7 @@ def run_seed(
     for arm in ARMS:
         scores = evaluations[arm].result()
         results["scores"][arm] = {"summary": summary_row(scores), "datasets": scores["datasets"]}
+    results["diagnostics"] = {name: future.result() for name, future in diagnostics.items()}
     return results
 
 
@@ -357,23 +469,107 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         world = phases.run("synthetic world", ensure_world, config, out)
         data = phases.run("stage-1 data (coma generate, scripted teacher)", teacher_data, world, out)
         chance = chance_scores(world, config.eval_queries)
+        references = diagnostic_references(config, world)
         per_seed = {seed: run_seed(config, world, data, out, seed, bases[seed].result(), phases)
                     for seed in range(config.seeds)}  # fmt: skip
     table = {arm: _mean_std([per_seed[s]["scores"][arm]["summary"] for s in per_seed]) for arm in ARMS}
+    diagnostics = mean_tree([per_seed[s]["diagnostics"] for s in per_seed])
     report = {"config": asdict(config), "world": world.name, "chance": chance, "table": table,
-              "per_seed": per_seed, "phase_seconds": phases.seconds,
+              "diagnostics": diagnostics, **references, "per_seed": per_seed, "phase_seconds": phases.seconds,
               "total_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
-    write_json(out / "report.json", report)
-    markdown = report_markdown(report)
-    atomic_write_text(out / "report.md", markdown)
-    plot_report(report, out / "report.png")
-    print(markdown)
+    write_outputs(out / "report", report, report_markdown, plot_report)
     return report
+
+
+def write_outputs(stem: Path, result: dict[str, Any], markdown, plot) -> None:
+    """``stem``.json, .md (``markdown(result)``, also printed) and .png (``plot(result, path)``)."""
+    write_json(stem.with_suffix(".json"), result)
+    text = markdown(result)
+    atomic_write_text(stem.with_suffix(".md"), text)
+    plot(result, stem.with_suffix(".png"))
+    print(text)
 
 
 def _mean_std(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     return {column: {"mean": float(np.mean([row[column] for row in rows])),
                      "std": float(np.std([row[column] for row in rows]))} for column in rows[0]}  # fmt: skip
+
+
+def mean_tree(trees: list[Any]) -> Any:
+    """The element-wise mean of equally shaped nested dicts of numbers (the seeds' diagnostics)."""
+    if isinstance(trees[0], dict):
+        return {key: mean_tree([tree[key] for tree in trees]) for key in trees[0]}
+    return float(np.mean(trees))
+
+
+DIAGNOSED = {
+    "random": "random model",
+    "stage0": "stage 0",
+    "stage1_bottleneck": "stage 1, bottleneck",
+    "stage1_none": "stage 1, no bottleneck",
+    "match_only": ARM_LABELS["match_only"],
+    "coma": ARM_LABELS["coma"],
+    "match_only_compute": ARM_LABELS["match_only_compute"],
+}
+
+
+def diagnostic_references(config: DemoConfig, world: Path) -> dict[str, dict[str, float]]:
+    """What the diagnostics compare against: the QA accuracy of always giving the most frequent answer, and the
+    probes' balanced accuracy of a constant guess."""
+    from coma.demo.diagnostics import held_out_images, majority_accuracy, probe_chance, qa_items
+
+    images = held_out_images(world, config.diagnostic_images)
+    return {
+        "qa_majority": majority_accuracy(qa_items(images, config.world_seed)),
+        "probe_chance": probe_chance([image.scene for image in images]),
+    }
+
+
+def diagnostics_markdown(
+    diagnostics: dict[str, Any], references: dict[str, dict[str, float]], labels: dict[str, str] = DIAGNOSED
+) -> list[str]:
+    """Two tables: the stage-0 model's QA per question kind, and what every model's embedding stores."""
+    from coma.demo.diagnostics import PROBE_GROUPS
+
+    qa_majority = references["qa_majority"]
+
+    qa = diagnostics["stage0"]["qa"]
+    kinds = [kind for kind in qa["image"] if kind != "all"] + ["all"]
+    lines = [
+        "Stage 0's generative QA on held-out images (greedy exact match, %), with the image, with a blank grey",
+        "image, and always giving the most frequent answer:",
+        "",
+        "| | " + " | ".join(kinds) + " |",
+        "|" + "---|" * (len(kinds) + 1),
+    ]
+    for label, row in (("image", qa["image"]), ("blank image", qa["blank"]), ("most frequent", qa_majority)):
+        lines.append(f"| {label} | " + " | ".join(f"{100 * row[kind]:.1f}" for kind in kinds) + " |")
+    lines += [
+        "",
+        "What the pooled compression-token embedding of a held-out image stores: linear-probe balanced accuracy (%)",
+        "per attribute group, the share of variance in its top direction, zero-shot overall P@1 (%) before any",
+        "matching, and QA answered through the compression tokens only (bottleneck mask), with the image / blank:",
+        "",
+        "| model | " + " | ".join(PROBE_GROUPS) + " | top-direction share | zero-shot P@1 | QA via tokens |",
+        "|" + "---|" * (len(PROBE_GROUPS) + 4),
+    ]
+    for name, label in labels.items():
+        if name not in diagnostics:
+            continue
+        row = diagnostics[name]
+        cells = [f"{100 * row['probe'][group]:.1f}" for group in PROBE_GROUPS]
+        cells.append(f"{row['top_direction_share']:.3f}")
+        cells.append(f"{100 * row['zero_shot']['overall']:.1f}" if "zero_shot" in row else "–")
+        if "qa" in row and name != "stage0":
+            cells.append(f"{100 * row['qa']['image']['all']:.1f} / {100 * row['qa']['blank']['all']:.1f}")
+        else:
+            cells.append("–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    chance = references["probe_chance"]
+    lines.append(
+        "| constant guess | " + " | ".join(f"{100 * chance[g]:.1f}" for g in PROBE_GROUPS) + " | | | |"
+    )
+    return lines
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -414,6 +610,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"steps ({compute['stage2_tokens_per_step']:,.0f} tokens each) to match it. Tokens in all: "
         + ", ".join(f"{ARM_LABELS[arm][:3]} {compute['arm_tokens'][arm]:,}" for arm in ARMS)
         + ".",
+        "",
+        *diagnostics_markdown(report["diagnostics"], report),
         "",
         "Phase wall times (s): "
         + ", ".join(f"{name} {secs:.1f}" for name, secs in report["phase_seconds"].items()),
