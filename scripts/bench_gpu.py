@@ -8,8 +8,11 @@ Measured in one run, side by side (DESIGN §5 holds the anchors and the targets)
                    8, image queries vs text targets)
 
 The naive path is what VLM2Vec-style code does: the processor runs in the main process between forwards, one plain
-forward of the transformers model per batch (training: one micro-batch of 8 pairs, forward + backward, no GradCache).
-coma's path is ``Embedder.encode`` and ``coma match`` (``run_stage``) exactly as a user runs them.
+forward of the transformers model (SDPA, the vision tower looping over its windows) per batch (training: one
+micro-batch of 8 pairs, forward + backward, no GradCache). coma's path is ``Embedder.encode`` and ``coma match``
+(``run_stage``) exactly as a user runs them, with their default (``auto``) attention. A last line isolates the vision
+tower's attention: ``Embedder.encode`` of the image queries with ``--vision-attn-implementation`` ``sdpa``
+(transformers' per-window loop) against the default.
 
 MFU counts matmul FLOPs only: 2 x the weights of every linear layer per token (LM and ViT) plus attention scores and
 values (causal LM attention, windowed / full ViT attention), against ``--peak-tflops`` (989: dense bf16 on an
@@ -31,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -159,19 +163,27 @@ def layout(embedder, text: str, has_image: bool) -> str:
     return embedding_text(text, has_image, embedder.config, embedder.adapter.image_block)
 
 
-def encode_rows(args, embedder, images: list[Path], counter) -> list[dict]:
-    rows = []
-    cases = {
+def encode_cases(images: list[Path]) -> dict[str, list[tuple[str, Path | None]]]:
+    return {
         "encode-image": [(QUERY, path) for path in images],
         "encode-text": [(TARGETS[i % len(TARGETS)], None) for i in range(len(images))],
     }
-    for name, items in cases.items():
-        inputs = [{"text": text, "image": str(path)} if path else text for text, path in items]
+
+
+def coma_encode_rate(embedder, items: list[tuple[str, Path | None]], args) -> float:
+    inputs = [{"text": text, "image": str(path)} if path else text for text, path in items]
+    return timed(
+        lambda: len(embedder.encode(inputs, batch_size=args.batch_size, show_progress=False)), args.repeats
+    )
+
+
+def encode_rows(args, embedder, naive_embedder, images: list[Path], counter) -> list[dict]:
+    rows = []
+    for name, items in encode_cases(images).items():
         sample = embedder.collate([embedder_input(text, path) for text, path in items[: args.batch_size]])
         flops_per_item = batch_flops(counter, sample) / len(sample["input_ids"])
-        coma_rate = timed(lambda inputs=inputs: len(embedder.encode(inputs, batch_size=args.batch_size,
-                                                                    show_progress=False)), args.repeats)  # fmt: skip
-        naive_rate = timed(naive_encode(embedder, items, args.batch_size), args.repeats)
+        coma_rate = coma_encode_rate(embedder, items, args)
+        naive_rate = timed(naive_encode(naive_embedder, items, args.batch_size), args.repeats)
         rows.append(row(name, "items/s", naive_rate, coma_rate, flops_per_item, args.peak_tflops))
     return rows
 
@@ -292,10 +304,16 @@ def main() -> int:
                                    vision_layers=shape["vision_config"]["depth"])  # fmt: skip
         print(f"model built in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         images = write_images(root / "images", args.items, side)
-        embedder = Embedder.from_pretrained(model_dir, num_tokens=args.num_tokens, device=device, dtype=dtype,
-                                            min_pixels=side * side, max_pixels=side * side)  # fmt: skip
+        load = partial(Embedder.from_pretrained, model_dir, num_tokens=args.num_tokens, device=device, dtype=dtype,
+                       min_pixels=side * side, max_pixels=side * side)  # fmt: skip
+        embedder, naive_embedder = load(), load(attn_implementation="sdpa", vision_attn_implementation="sdpa")
         counter = FlopCounter(embedder.model.backbone)
-        rows = encode_rows(args, embedder, images, counter)
+        rows = encode_rows(args, embedder, naive_embedder, images, counter)
+        vision = embedder.adapter.vision_tower(embedder.model.backbone).config._attn_implementation
+        image_queries = encode_cases(images)["encode-image"]
+        vision_rates = {"sdpa loop": coma_encode_rate(naive_embedder, image_queries, args),
+                        vision: coma_encode_rate(embedder, image_queries, args)}  # fmt: skip
+        del naive_embedder
         pair_flops = 2 * (batch_flops(counter, embedder.collate([embedder_input(QUERY, images[0])]))
                           + batch_flops(counter, embedder.collate([embedder_input(TARGETS[0], None)])))  # fmt: skip
         del embedder
@@ -313,6 +331,9 @@ def main() -> int:
     for r in rows:
         print(f"| {r['case']} ({r['unit']}) | {r['naive']:.1f} | {r['coma']:.1f} | {r['ratio']:.2f} | "
               f"{r['naive_mfu']:.1%} | {r['coma_mfu']:.1%} |")  # fmt: skip
+    loop, default = vision_rates.values()
+    print(f"\nencode-image, coma, vision attention: transformers' SDPA loop {loop:.1f} items/s, "
+          f"default ({vision}) {default:.1f} items/s, ratio {default / loop:.2f}")  # fmt: skip
     return 0
 
 

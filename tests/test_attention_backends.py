@@ -11,7 +11,14 @@ from test_stage1_bottleneck import CONFIG, make_batch
 import coma.backbones.attention as attention
 from coma import Embedder
 from coma.backbones import load_backbone
-from coma.backbones.attention import BLOCK_SPARSE, resolve_attention, transformers_attn_implementation
+from coma.backbones.attention import (
+    BLOCK_SPARSE,
+    PACKED_SDPA,
+    PACKED_VISION,
+    packed_varlen_attention,
+    resolve_attention,
+    transformers_attn_implementation,
+)
 from coma.compression import add_compression_tokens
 from coma.masks import (
     allowed_from_additive,
@@ -26,16 +33,17 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def test_auto_on_cpu_is_sdpa_for_every_stage():
-    assert resolve_attention("auto", device=CPU, four_d_mask=False) == ("sdpa", "sdpa")
-    assert resolve_attention("auto", device=CPU, four_d_mask=True) == ("sdpa", "sdpa")
+    assert resolve_attention("auto", device=CPU, four_d_mask=False) == ("sdpa", PACKED_SDPA)
+    assert resolve_attention("auto", device=CPU, four_d_mask=True) == ("sdpa", PACKED_SDPA)
 
 
 @pytest.mark.parametrize("flash", [True, False])
 def test_auto_on_gpu(monkeypatch, flash):
     monkeypatch.setattr(attention, "flash_attn_installed", lambda: flash)
     padding_only = "flash_attention_2" if flash else "sdpa"
-    assert resolve_attention("auto", device=CUDA, four_d_mask=False) == (padding_only, padding_only)
-    assert resolve_attention("auto", device=CUDA, four_d_mask=True) == ("flex_attention", padding_only)
+    vision = "flash_attention_2" if flash else PACKED_SDPA
+    assert resolve_attention("auto", device=CUDA, four_d_mask=False) == (padding_only, vision)
+    assert resolve_attention("auto", device=CUDA, four_d_mask=True) == ("flex_attention", vision)
     assert resolve_attention("sdpa", "eager", device=CUDA, four_d_mask=True) == ("sdpa", "eager")
 
 
@@ -71,6 +79,57 @@ def test_the_vision_tower_has_its_own_implementation(tiny_model_dir):
     backbone, adapter = embedder.model.backbone, embedder.adapter
     assert adapter.decoder_layers(backbone)[0].self_attn.config._attn_implementation == "eager"
     assert adapter.vision_blocks(backbone)[0].attn.config._attn_implementation == "sdpa"
+
+
+def test_packed_attention_equals_attention_per_segment():
+    """Segments of several lengths, out of order, and an empty one: each attends only within itself."""
+    torch.manual_seed(0)
+    lengths = [5, 3, 5, 0, 7, 3]
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    query, key, value = (torch.randn(1, 2, sum(lengths), 4, dtype=torch.float64) for _ in range(3))
+    packed, _ = packed_varlen_attention(None, query, key, value, None, cu_seq_lens_q=bounds, scaling=0.3)
+    expected = torch.cat([
+        torch.nn.functional.scaled_dot_product_attention(
+            query[..., start:end, :], key[..., start:end, :], value[..., start:end, :], scale=0.3
+        ).transpose(1, 2)
+        for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
+        if end > start
+    ], dim=1)  # fmt: skip
+    assert packed.shape == (1, sum(lengths), 2, 4)
+    torch.testing.assert_close(packed, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_vision_tower_equals_transformers_sdpa(tiny_model_dirs, family, monkeypatch):
+    """The whole vision tower, packed_sdpa against transformers' per-segment SDPA loop: outputs and input gradients
+    (fp32, 1e-5), on images whose sizes give Qwen2.5-VL windows of several lengths; one call per layer."""
+    images = [random_image(0), random_image(1, (168, 84)), random_image(2, (140, 196))]
+    results, calls = [], []
+    for vision in ("sdpa", PACKED_SDPA):
+        model, processor, adapter = load_backbone(
+            tiny_model_dirs[family], attn_implementation=transformers_attn_implementation("sdpa", vision)
+        )
+        tower = adapter.vision_tower(model)
+        if vision == PACKED_SDPA:
+            assert {block.attn.config._attn_implementation for block in tower.blocks} == {PACKED_VISION}
+            from transformers import AttentionInterface
+
+            def counting(*args, **kwargs):
+                calls.append(kwargs["cu_seq_lens_q"].diff().tolist())
+                return packed_varlen_attention(*args, **kwargs)
+
+            monkeypatch.setitem(AttentionInterface._global_mapping, PACKED_VISION, counting)
+        batch = processor.image_processor(images=images, return_tensors="pt")
+        pixels = batch["pixel_values"].requires_grad_(True)
+        output = tower(pixels, grid_thw=batch["image_grid_thw"]).pooler_output
+        output.square().sum().backward()
+        results.append((output.detach(), pixels.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-5)
+    assert len(calls) == len(tower.blocks)
+    if family == "qwen2_5_vl":  # windowed blocks: many segments of unequal lengths in one call
+        assert max(len(set(lengths)) for lengths in calls) > 1
+        assert max(len(lengths) for lengths in calls) > len(images)
 
 
 def test_plain_causal_stage1_passes_only_the_padding_mask(tiny_model_dir):

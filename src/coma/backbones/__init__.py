@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from coma.backbones.attention import PACKED_SDPA, use_packed_vision_attention
 from coma.backbones.base import BackboneAdapter
 from coma.backbones.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
 
@@ -80,9 +81,15 @@ def load_backbone(
     """Load ``(model, processor, adapter)`` from a folder or hub id, safetensors only.
 
     ``attn_implementation`` is one implementation or one per sub-config
-    (:func:`coma.backbones.attention.transformers_attn_implementation`)."""
+    (:func:`coma.backbones.attention.transformers_attn_implementation`); a vision tower asked for ``packed_sdpa``
+    loads as SDPA and then runs :func:`coma.backbones.attention.packed_varlen_attention`."""
     source, hub_kwargs = resolve_model_source(name_or_path)
     adapter = adapter_for(read_model_type(source))
+    packed_vision = (
+        isinstance(attn_implementation, dict) and attn_implementation.get("vision_config") == PACKED_SDPA
+    )
+    if packed_vision:
+        attn_implementation = {**attn_implementation, "vision_config": "sdpa"}
     model = adapter.load_model(
         source,
         dtype=dtype,
@@ -90,6 +97,8 @@ def load_backbone(
         trust_remote_code=trust_remote_code,
         **hub_kwargs,
     )
+    if packed_vision:
+        use_packed_vision_attention(adapter.vision_tower(model))
     processor = adapter.load_processor(source, **hub_kwargs)
     return model, processor, adapter
 

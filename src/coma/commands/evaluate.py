@@ -49,7 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-pixels", type=int, default=None)
     parser.add_argument(
-        "--attn-implementation", default="sdpa", help="sdpa (default), eager, flash_attention_2, ..."
+        "--attn-implementation",
+        default="auto",
+        help="language model: auto (flash_attention_2 when installed on GPU, else sdpa), sdpa, eager, "
+        "flash_attention_2",
+    )
+    parser.add_argument(
+        "--vision-attn-implementation",
+        default="auto",
+        help="vision tower: auto (flash_attention_2 when installed on GPU, else packed_sdpa), packed_sdpa, sdpa, "
+        "eager, flash_attention_2",
     )
     parser.add_argument(
         "--skip-bad",
@@ -124,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
             device=device,
             dtype=getattr(torch, args.dtype) if args.dtype else None,
             attn_implementation=args.attn_implementation,
+            vision_attn_implementation=args.vision_attn_implementation,
         )
         scores = evaluate(
             embedder,

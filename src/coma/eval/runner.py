@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from coma.backbones.attention import PACKED_SDPA, PACKED_VISION
 from coma.data.formats import (
     DataCheckError,
     DataFormatError,
@@ -315,7 +316,7 @@ def template_settings(embedder: Embedder) -> dict[str, Any]:
     return {
         "transformers": transformers.__version__,
         "processor": f"{type(embedder.processor).__name__}/{type(image_processor).__name__}",
-        "attn_implementation": attn_implementation(embedder),
+        **attn_implementations(embedder),
         "coma_config": embedder.config.to_dict(),
         "dtype": str(next(embedder.model.parameters()).dtype),
         "image_block": embedder.adapter.image_block,
@@ -325,9 +326,14 @@ def template_settings(embedder: Embedder) -> dict[str, Any]:
     }
 
 
-def attn_implementation(embedder: Embedder) -> str:
-    """The attention implementation the backbone runs with (sdpa, eager, flash_attention_2, ...)."""
-    return str(getattr(embedder.model.backbone.config, "_attn_implementation", None))
+def attn_implementations(embedder: Embedder) -> dict[str, str]:
+    """The attention implementations the language model and the vision tower run with (sdpa, eager, ...)."""
+    backbone = embedder.model.backbone
+    vision = str(embedder.adapter.vision_tower(backbone).config._attn_implementation)
+    return {
+        "attn_implementation": str(getattr(backbone.config, "_attn_implementation", None)),
+        "vision_attn_implementation": PACKED_SDPA if vision == PACKED_VISION else vision,
+    }
 
 
 def backbone_config(embedder: Embedder) -> dict[str, Any]:
@@ -466,7 +472,7 @@ def evaluate(
             "max_pixels": config.max_pixels,
             "dtype": str(next(embedder.model.parameters()).dtype).removeprefix("torch."),
             "template_version": config.template_version,
-            "attn_implementation": attn_implementation(embedder),
+            **attn_implementations(embedder),
             "format_rule": ",".join(rules),
             "model_fingerprint": fingerprint,
             "model": str(model_path or embedder.model.backbone.name_or_path),

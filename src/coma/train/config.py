@@ -60,7 +60,8 @@ class TrainSettings:
     vision_attn_implementation: str = field(
         default="auto",
         metadata={
-            "help": "vision tower: auto (flash_attention_2 when installed on GPU, else sdpa), sdpa, eager"
+            "help": "vision tower: auto (flash_attention_2 when installed on GPU, else packed_sdpa: one SDPA call per "
+            "layer for all windows and images), packed_sdpa, sdpa (transformers' per-window loop), eager"
         },
     )
     strategy: str = field(
