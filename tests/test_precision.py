@@ -26,6 +26,13 @@ def _bf16_model() -> nn.Module:
     return model
 
 
+def test_float16_training_is_refused_for_want_of_loss_scaling():
+    with pytest.raises(ValueError, match="float16 would need loss scaling"):
+        TrainSettings(dtype="float16")
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        TrainSettings(dtype="fp8")
+
+
 def test_single_process_keeps_trainable_weights_in_fp32_and_computes_under_autocast():
     model = _bf16_model()
     parallel = parallelize(model, strategy="ddp", world_size=1, device=torch.device("cpu"),

@@ -81,5 +81,11 @@ class TrainSettings:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; choose cosine, linear or constant")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.dtype == "float16":
+            raise ValueError(
+                "dtype float16 would need loss scaling (a GradScaler through GradCache and FSDP), which coma's "
+                "training does not do: small gradients would underflow. Train in bfloat16 or float32 (float16 "
+                "is fine for eval and encode)"
+            )
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose auto, float32 or bfloat16")

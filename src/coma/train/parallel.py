@@ -58,7 +58,7 @@ class Parallel:
         return self.strategy == "fsdp" and self.distributed
 
     def autocast(self) -> AbstractContextManager:
-        """Where the task's step runs: bf16 (or fp16) autocast over fp32 trainable weights, unless FSDP's
+        """Where the task's step runs: bf16 autocast over fp32 trainable weights, unless FSDP's
         MixedPrecisionPolicy already casts them or the run is fp32."""
         if self.sharded or self.compute_dtype == torch.float32:
             return contextlib.nullcontext()
