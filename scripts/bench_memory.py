@@ -375,6 +375,7 @@ def measure(setup: Setup) -> Memory:
 
 def _measure(setup: Setup, folder: Path, started: float) -> Memory:
     import coma.embedder
+    from coma.backbones.attention import load_with_attention
     from coma.train.loop import DistInfo
     from coma.train.parallel import parallelize
 
@@ -387,8 +388,12 @@ def _measure(setup: Setup, folder: Path, started: float) -> Memory:
         # What Embedder.from_pretrained loads, built from the config with fake weights instead of read.
         mode.all_fake = True
         try:
-            backbone = adapter.model_class._from_config(
-                model_config, dtype=dtype, attn_implementation=attn_implementation
+            backbone = load_with_attention(
+                lambda implementation: adapter.model_class._from_config(
+                    model_config, dtype=dtype, attn_implementation=implementation
+                ),
+                attn_implementation,
+                adapter.vision_tower,
             )
         finally:
             mode.all_fake = False

@@ -90,6 +90,26 @@ def test_info_nce_rejects_bad_input(q_shape, t_shape, n_shape, temperature, matc
         info_nce(torch.zeros(q_shape), torch.zeros(t_shape), temperature=temperature, negatives=negatives)
 
 
+def test_contrastive_loss_runs_in_fp32_under_bf16_autocast() -> None:
+    """Inside the training step's bf16 autocast the similarity matmul would run in bf16; the loss and its gradients
+    must equal the fp32 computation."""
+    torch.manual_seed(0)
+    base = F.normalize(torch.randn(32, 64), dim=-1)
+    queries = F.normalize(base + 2 * torch.randn(32, 64), dim=-1).requires_grad_()
+    targets = F.normalize(base + 2 * torch.randn(32, 64), dim=-1)
+    loss_fn = ContrastiveLoss(temperature=0.02, symmetric=True)
+    expected = loss_fn(queries, targets)
+    (expected_grad,) = torch.autograd.grad(expected, queries)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(queries, targets)
+        in_bf16 = info_nce(queries, targets, temperature=0.02, symmetric=True)
+    (grad,) = torch.autograd.grad(loss, queries)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-7)
+    assert abs(in_bf16.item() - expected.item()) > 1e-3, "the check must be able to fail: bf16 logits differ"
+
+
 def test_single_process_gather_is_identity_and_loss_is_info_nce() -> None:
     assert world_size() == 1
     x = torch.randn(3, 2)

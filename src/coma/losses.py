@@ -86,6 +86,10 @@ def info_nce(
     return loss
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class ContrastiveLoss(torch.nn.Module):
     """InfoNCE over the global batch: queries, targets and negatives are gathered from every rank.
 
@@ -123,13 +127,16 @@ class ContrastiveLoss(torch.nn.Module):
                 all_negatives = None
         elif negatives is not None:
             all_negatives = negatives
-        loss = info_nce(
-            all_queries,
-            all_targets,
-            temperature=self.temperature,
-            negatives=all_negatives,
-            symmetric=self.symmetric,
-        )
+        # In fp32 even inside a bf16 autocast step: at temperature 0.02 the logits reach 50, where bf16 resolves
+        # only steps of 0.25.
+        with torch.autocast(queries.device.type, enabled=False):
+            loss = info_nce(
+                _at_least_fp32(all_queries),
+                _at_least_fp32(all_targets),
+                temperature=self.temperature,
+                negatives=None if all_negatives is None else _at_least_fp32(all_negatives),
+                symmetric=self.symmetric,
+            )
         return loss * n_ranks
 
     def extra_repr(self) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from coma.backbones.attention import PACKED_SDPA, use_packed_vision_attention
+from coma.backbones.attention import load_with_attention
 from coma.backbones.base import BackboneAdapter
 from coma.backbones.qwen_vl import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
 
@@ -85,20 +85,17 @@ def load_backbone(
     loads as SDPA and then runs :func:`coma.backbones.attention.packed_varlen_attention`."""
     source, hub_kwargs = resolve_model_source(name_or_path)
     adapter = adapter_for(read_model_type(source))
-    packed_vision = (
-        isinstance(attn_implementation, dict) and attn_implementation.get("vision_config") == PACKED_SDPA
+    model = load_with_attention(
+        lambda implementation: adapter.load_model(
+            source,
+            dtype=dtype,
+            attn_implementation=implementation,
+            trust_remote_code=trust_remote_code,
+            **hub_kwargs,
+        ),
+        attn_implementation,
+        adapter.vision_tower,
     )
-    if packed_vision:
-        attn_implementation = {**attn_implementation, "vision_config": "sdpa"}
-    model = adapter.load_model(
-        source,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-        **hub_kwargs,
-    )
-    if packed_vision:
-        use_packed_vision_attention(adapter.vision_tower(model))
     processor = adapter.load_processor(source, **hub_kwargs)
     return model, processor, adapter
 

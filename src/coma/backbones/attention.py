@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
 
 import torch
 
@@ -92,6 +93,20 @@ def transformers_attn_implementation(text: str, vision: str) -> dict[str, str]:
         register_block_sparse()
         text = BLOCK_SPARSE
     return {"": text, "text_config": text, "vision_config": vision}
+
+
+def load_with_attention(
+    load: Callable[[str | dict[str, str]], torch.nn.Module],
+    attn_implementation: str | dict[str, str],
+    vision_tower: Callable[[torch.nn.Module], torch.nn.Module],
+) -> torch.nn.Module:
+    """``load(attn_implementation)`` (``from_pretrained`` or ``_from_config``), loading a ``packed_sdpa`` vision
+    tower as SDPA and then switching it to :func:`packed_varlen_attention` (``vision_tower`` finds it)."""
+    packed = isinstance(attn_implementation, dict) and attn_implementation.get("vision_config") == PACKED_SDPA
+    model = load({**attn_implementation, "vision_config": "sdpa"} if packed else attn_implementation)
+    if packed:
+        use_packed_vision_attention(vision_tower(model))
+    return model
 
 
 def use_packed_vision_attention(vision_tower: torch.nn.Module) -> None:
