@@ -27,6 +27,19 @@ def test_skips_cleanly_without_a_gpu():
     assert "no CUDA device; skipping" in result.stdout
 
 
+def test_cpu_smoke_runs_every_case():
+    """The whole script on a small model (not a measurement): it must stay runnable for the next GPU session."""
+    args = ["--cpu-smoke", "--items", "16", "--batch-size", "8", "--repeats", "1", "--train-steps", "2",
+            "--train-batch", "16"]  # fmt: skip
+    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_gpu.py"), *args], capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    for case in ("encode-image (items/s)", "encode-text (items/s)", "train-match (pairs/s)"):
+        assert f"| {case} |" in result.stdout
+    assert "vision attention: transformers' SDPA loop" in result.stdout
+    assert "default (packed_sdpa)" in result.stdout
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_linear_flops_equal_torchs_count(tiny_model_dirs, family):
     """The matmuls of linear layers (addmm / mm) that torch counts in a real forward, image and text inputs (one per
