@@ -273,7 +273,7 @@ def coma_train_rate(model_dir: Path, root: Path, images: list[Path], args) -> fl
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="qwen2.5-vl-3b", choices=sorted(REAL_SHAPES))
-    parser.add_argument("--items", type=int, default=512, help="inputs per encode case")
+    parser.add_argument("--items", type=int, default=256, help="inputs per encode case")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="timed passes over the inputs after a warm-up")
     parser.add_argument("--train-steps", type=int, default=6)
