@@ -15,7 +15,9 @@ the recipes' settings (configs/compress_qwen2_5_vl_*.yaml, match_qwen2_5_vl_*.ya
   first finds it, so the peak is the one every later step repeats.
 
 Grid: LoRA/DoRA (r16 on the LM's q/k/v/o + the compression rows) or full fine-tuning of the LM (``full_finetune``;
-the vision tower is frozen in both), activation checkpointing on or off, DDP or FSDP2 over 8 ranks.
+the vision tower is frozen in both), activation checkpointing on or off, DDP or FSDP2 over 8 ranks; FSDP with the
+gradient sync deferred to the step's last backward (coma's default) or, with ``--fsdp-sync each``, after every backward
+(``--train.fsdp-defer-gradient-sync false``).
 
 How. ``load_backbone`` builds the model under a ``FakeTensorMode``: every weight and activation is a fake tensor with
 a shape, a dtype and a storage size but no data, so a 7B model costs nothing to build. Tensors computed from the
@@ -50,7 +52,8 @@ FlexAttention kernels keeps O(L) per head for backward, never L x L weights. Rea
 ``torch.cuda.max_memory_allocated`` reports, and keep a few GB of head-room.
 
     .venv/bin/python scripts/bench_memory.py [--quick] [--sizes 3b,7b] [--modes lora,full] [--strategies ddp,fsdp]
-                                             [--checkpointing on,off] [--stages 1,2] [--fit] [--json out.json]
+                                             [--checkpointing on,off] [--stages 1,2] [--fsdp-sync deferred,each]
+                                             [--fit] [--json out.json]
 """
 
 from __future__ import annotations
@@ -273,6 +276,7 @@ class Setup:
     chunk_size: int = 8
     chunks: int = 2
     num_tokens: int = 32
+    defer_sync: bool = True  # FSDP: unsharded gradients held until the step's last backward
 
 
 @dataclass
@@ -435,6 +439,7 @@ def _measure(setup: Setup, folder: Path, started: float) -> Memory:
         parallel = parallelize(
             module, strategy=strategy, world_size=setup.world_size if strategy == "fsdp" else 1,
             device=torch.device("cpu"), compute_dtype=torch.bfloat16, shard_units=task.shard_units,
+            defer_sharded_sync=setup.defer_sync,
         )  # fmt: skip
         parameters = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=5e-5, weight_decay=0.0, foreach=True)
@@ -592,6 +597,7 @@ class Row:
     full: bool
     strategy: str
     checkpointing: bool
+    defer_sync: bool = True
 
 
 def recipe_chunks(model: str, world_size: int) -> int:
@@ -613,7 +619,7 @@ def run_row(
             setup = Setup(
                 model=model, stage=row.stage, full=row.full, strategy=row.strategy,
                 checkpointing=row.checkpointing, layers=layers, vision_layers=vision_layers,
-                world_size=world_size, chunk_size=CHUNK_SIZE[model], chunks=chunks,
+                world_size=world_size, chunk_size=CHUNK_SIZE[model], chunks=chunks, defer_sync=row.defer_sync,
             )  # fmt: skip
             points[key] = measure(setup)
             log(f"  {key}: peak {points[key].peak / GIB:.2f} GiB ({points[key].seconds:.0f} s)")
@@ -653,7 +659,9 @@ def format_table(results: list[dict[str, Any]]) -> str:
         cells = [
             f"{row['size'].upper()} {'full' if row['full'] else 'DoRA'}",
             "1 compress" if row["stage"] == 1 else "2 match",
-            "FSDP x8" if row["strategy"] == "fsdp" else "DDP",
+            ("FSDP x8" + ("" if row.get("defer_sync", True) else ", sync each backward"))
+            if row["strategy"] == "fsdp"
+            else "DDP",
             "on" if row["checkpointing"] else "off",
             *(f"{memory[name] / GIB:.1f}" for name in FIELDS[:-1]),
             f"**{memory['peak'] / GIB:.1f}**",
@@ -672,6 +680,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", default="ddp,fsdp")
     parser.add_argument("--checkpointing", default="on,off")
     parser.add_argument("--stages", default="1,2")
+    parser.add_argument(
+        "--fsdp-sync",
+        default="deferred",
+        help="FSDP rows: deferred (one reduce-scatter per step), each (after every backward), or deferred,each",
+    )
     parser.add_argument("--world-size", type=int, default=8)
     parser.add_argument(
         "--fit", action="store_true", help="extrapolate the depth from 2 and 4 layers / blocks"
@@ -682,12 +695,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.sizes, args.modes, args.checkpointing, args.stages, depth = "3b", "lora", "on", "1", (2, 2)
     rows = [
-        Row(size, int(stage), mode == "full", strategy, checkpointing == "on")
+        Row(size, int(stage), mode == "full", strategy, checkpointing == "on", sync == "deferred")
         for size in args.sizes.split(",")
         for stage in args.stages.split(",")
         for mode in args.modes.split(",")
         for strategy in args.strategies.split(",")
         for checkpointing in args.checkpointing.split(",")
+        for sync in (args.fsdp_sync.split(",") if strategy == "fsdp" else ["deferred"])
     ]
     started = time.perf_counter()
     results = []

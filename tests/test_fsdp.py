@@ -102,6 +102,7 @@ def test_compress_fsdp_equals_ddp(tiny_model_dirs, world, tmp_path):
     variants = {
         "lora": (model, []), "full": (model, ["--full"]),
         "full-checkpointed": (model, ["--full", "--gradient-checkpointing"]),
+        "full-sync-each-backward": (model, ["--full", "--fsdp-defer-gradient-sync", "false"]),
         # The other families' vision towers (window attention; DeepStack features) shard the same way.
         "qwen2_5_vl-lora": (tiny_model_dirs["qwen2_5_vl"], []), "qwen3_vl-lora": (tiny_model_dirs["qwen3_vl"], []),
     }  # fmt: skip
@@ -129,8 +130,13 @@ def test_match_fsdp_equals_ddp_with_and_without_grad_cache(tiny_model_dir, world
     checkpointed = tmp_path / "fsdp-full-gc-checkpointed"
     runs.append(match_args(tiny_model_dir, world, checkpointed, "--strategy", "fsdp", "--full",
                            "--gradient-checkpointing"))  # fmt: skip
+    synced_each = tmp_path / "fsdp-full-gc-sync-each-backward"
+    runs.append(match_args(tiny_model_dir, world, synced_each, "--strategy", "fsdp", "--full",
+                           "--fsdp-defer-gradient-sync", "false"))  # fmt: skip
     run_distributed(_run_all, 2, tmp_path, runs)
     assert_same_run(checkpointed, tmp_path / "ddp-full-gc")
+    # Reduce-scattering after every chunk's backward accumulates the same gradients.
+    assert_same_run(synced_each, tmp_path / "ddp-full-gc")
     for name in variants:
         assert_same_run(tmp_path / f"fsdp-{name}", tmp_path / f"ddp-{name}")
     # GradCache is exact under FSDP too: the replayed gradients equal the plain step's.

@@ -71,6 +71,14 @@ class TrainSettings:
             "FSDP accelerate config, else ddp)"
         },
     )
+    fsdp_defer_gradient_sync: bool = field(
+        default=True,
+        metadata={
+            "help": "FSDP: keep unsharded gradients over a step's GradCache chunks / micro-batches and "
+            "reduce-scatter once, after the last (fastest); false reduce-scatters after every backward, holding "
+            "only sharded gradients (less memory under --full, more communication)"
+        },
+    )
     device: str | None = None
     show_progress: bool = True
 

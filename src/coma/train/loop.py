@@ -164,6 +164,7 @@ def train(
         device=dist_info.device,
         compute_dtype=resolve_dtype(settings.dtype, dist_info.device),
         shard_units=task.shard_units,
+        defer_sharded_sync=settings.fsdp_defer_gradient_sync,
     )
     # Dropout differs per rank. Only now: every rank must build identical weights (LoRA init, pooling heads) first.
     seed_everything(settings.seed + dist_info.rank)

@@ -52,6 +52,7 @@ class Parallel:
     distributed: bool
     device: torch.device = torch.device("cpu")
     compute_dtype: torch.dtype = torch.float32
+    defer_sharded_sync: bool = True
 
     @property
     def sharded(self) -> bool:
@@ -65,11 +66,12 @@ class Parallel:
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def no_sync(self) -> AbstractContextManager:
-        """Backward passes inside accumulate gradients locally; the first backward after it reduces them all."""
+        """Backward passes inside accumulate gradients locally; the first backward after it reduces them all.
+        FSDP without deferred sync reduce-scatters every backward into the sharded gradients instead."""
         if not self.distributed:
             return contextlib.nullcontext()
         if self.sharded:
-            return _fsdp_no_sync(self.model)
+            return _fsdp_no_sync(self.model) if self.defer_sharded_sync else contextlib.nullcontext()
         return self.model.no_sync()
 
     def clip_grad_norm(self, parameters: list[nn.Parameter], max_norm: float) -> float:
@@ -107,9 +109,11 @@ def parallelize(
     device: torch.device,
     compute_dtype: torch.dtype,
     shard_units: Callable[[], Iterable[nn.Module]],
+    defer_sharded_sync: bool = True,
 ) -> Parallel:
     """Wrap ``module`` for ``strategy`` (in place for FSDP). ``shard_units`` lists the blocks FSDP shards one by one
-    (decoder layers and vision blocks); everything else forms the root unit."""
+    (decoder layers and vision blocks); everything else forms the root unit. ``defer_sharded_sync`` (FSDP): hold
+    unsharded gradients until a step's last backward instead of reduce-scattering after each."""
     distributed = world_size > 1
     # Every path keeps fp32 master weights: FSDP through its policy below, the others under autocast.
     keep_trainable_in_fp32(module)
@@ -126,4 +130,4 @@ def parallelize(
     for unit in shard_units():
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(module, mesh=mesh, mp_policy=policy)
-    return Parallel(module, strategy, True, device, compute_dtype)
+    return Parallel(module, strategy, True, device, compute_dtype, defer_sharded_sync)
