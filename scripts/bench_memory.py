@@ -15,9 +15,8 @@ the recipes' settings (configs/compress_qwen2_5_vl_*.yaml, match_qwen2_5_vl_*.ya
   first finds it, so the peak is the one every later step repeats.
 
 Grid: LoRA/DoRA (r16 on the LM's q/k/v/o + the compression rows) or full fine-tuning of the LM (``full_finetune``;
-the vision tower is frozen in both), activation checkpointing on or off, DDP or FSDP2 over 8 ranks; FSDP with the
-gradient sync deferred to the step's last backward (coma's default) or, with ``--fsdp-sync each``, after every backward
-(``--train.fsdp-defer-gradient-sync false``).
+the vision tower is frozen in both), activation checkpointing on or off, DDP or FSDP2 over 8 ranks (gradient sync
+deferred to the step's last backward, coma's default).
 
 How. ``load_backbone`` builds the model under a ``FakeTensorMode``: every weight and activation is a fake tensor with
 a shape, a dtype and a storage size but no data, so a 7B model costs nothing to build. Tensors computed from the
@@ -28,9 +27,9 @@ norm) returns 0. torch's ``MemTracker`` (``FSDPMemTracker`` for FSDP, with a ``f
 peak: parameters (FSDP: own shards + all-gathered units), gradients (FSDP: sharded and unsharded accumulators,
 reduce-scatter buffers), optimizer state, activations (with backward's temporaries, which under FSDP include
 gradients not yet reduce-scattered). DDP runs the step in one process (``parallelize``'s one-process path, which
-DDP wraps) and adds its gradient buckets, one flat copy of the trainable gradients that the C++ reducer allocates
-(``gradient_as_bucket_view=False``, as coma builds DDP). The collated batches are prepared before tracking: host
-memory on a GPU run.
+DDP wraps) with its gradient buckets: coma builds DDP with ``gradient_as_bucket_view=True``, so the gradients are
+views of the buckets, allocated once and held for the whole run; the step keeps them allocated from its start and
+zeroes them in place. The collated batches are prepared before tracking: host memory on a GPU run.
 
 Measured at full depth; two things are extrapolated linearly. Stage 2 holds the caches of every GradCache chunk's
 no-grad pass (each query chunk's image features, the embeddings) until the step ends: what one more chunk per side
@@ -52,8 +51,7 @@ FlexAttention kernels keeps O(L) per head for backward, never L x L weights. Rea
 ``torch.cuda.max_memory_allocated`` reports, and keep a few GB of head-room.
 
     .venv/bin/python scripts/bench_memory.py [--quick] [--sizes 3b,7b] [--modes lora,full] [--strategies ddp,fsdp]
-                                             [--checkpointing on,off] [--stages 1,2] [--fsdp-sync deferred,each]
-                                             [--fit] [--json out.json]
+                                             [--checkpointing on,off] [--stages 1,2] [--fit] [--json out.json]
 """
 
 from __future__ import annotations
@@ -276,7 +274,6 @@ class Setup:
     chunk_size: int = 8
     chunks: int = 2
     num_tokens: int = 32
-    defer_sync: bool = True  # FSDP: unsharded gradients held until the step's last backward
 
 
 @dataclass
@@ -435,18 +432,19 @@ def _measure(setup: Setup, folder: Path, started: float) -> Memory:
                 setup, folder, side, strategy, dist_info
             )
         module = task.module
-        # DDP: the one-process path of parallelize (what DDP wraps); its buckets are added in _summarise.
+        # DDP: the one-process path of parallelize (what DDP wraps).
         parallel = parallelize(
             module, strategy=strategy, world_size=setup.world_size if strategy == "fsdp" else 1,
             device=torch.device("cpu"), compute_dtype=torch.bfloat16, shard_units=task.shard_units,
-            defer_sharded_sync=setup.defer_sync,
         )  # fmt: skip
         parameters = [p for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=5e-5, weight_decay=0.0, foreach=True)
         for parameter in parameters:  # allocate the AdamW state, as every step after the first finds it
             parameter.grad = torch.zeros_like(parameter)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # DDP's buckets (the gradients' storage under gradient_as_bucket_view) stay allocated between steps.
+        ddp_buckets = strategy == "ddp" and setup.world_size > 1
+        optimizer.zero_grad(set_to_none=not ddp_buckets)
         if strategy == "fsdp":
             tracker: MemTracker = FSDPTracker(module, optimizer)
         else:
@@ -463,13 +461,13 @@ def _measure(setup: Setup, folder: Path, started: float) -> Memory:
         outer = Outer(module, tracker)
         gc.collect()
         with tracker:
-            # The body of coma.train.loop.train.
-            optimizer.zero_grad(set_to_none=True)
+            # The body of coma.train.loop.train (whose set_to_none leaves DDP's bucket views allocated).
+            optimizer.zero_grad(set_to_none=not ddp_buckets)
             with autocast():
                 result = task.step(outer, parallel.no_sync)
             parallel.clip_grad_norm(parameters, 1.0)
             optimizer.step()
-    memory = _summarise(tracker, setup, parameters, strategy, result.tokens, time.perf_counter() - started)
+    memory = _summarise(tracker, result.tokens, time.perf_counter() - started)
     memory.held = outer.held or 0.0
     return memory
 
@@ -543,14 +541,7 @@ def _match_task(setup: Setup, folder: Path, side: int, strategy: str, dist_info:
     return MatchTask(config, dist_info)
 
 
-def _summarise(
-    tracker: MemTracker,
-    setup: Setup,
-    parameters: list[nn.Parameter],
-    strategy: str,
-    tokens: int,
-    seconds: float,
-) -> Memory:
+def _summarise(tracker: MemTracker, tokens: int, seconds: float) -> Memory:
     categories: dict[str, float] = {}
     for device_snapshot in tracker.get_tracker_snapshot("peak").values():
         for key, value in device_snapshot.items():
@@ -564,11 +555,6 @@ def _summarise(
     optimizer = get("Optstate", 0) + get("OptState", 0)
     activations = sum(get(name, 0) for name in ("Activation", "Temp", "Inputs", "Other"))
     peak = get("Total", 0)
-    if strategy == "ddp" and setup.world_size > 1:
-        # DDP's reducer holds a flat copy of every trainable gradient (its buckets) for the whole run.
-        categories["DDP buckets"] = sum(p.numel() * p.element_size() for p in parameters)
-        grads += categories["DDP buckets"]
-        peak += categories["DDP buckets"]
     return Memory(
         params=params, grads=grads, optimizer=optimizer, activations=activations, peak=peak,
         phase=tracker.peak_phase, where=tracker.peak_where, seconds=seconds, tokens=tokens, categories=categories,
@@ -597,7 +583,6 @@ class Row:
     full: bool
     strategy: str
     checkpointing: bool
-    defer_sync: bool = True
 
 
 def recipe_chunks(model: str, world_size: int) -> int:
@@ -619,7 +604,7 @@ def run_row(
             setup = Setup(
                 model=model, stage=row.stage, full=row.full, strategy=row.strategy,
                 checkpointing=row.checkpointing, layers=layers, vision_layers=vision_layers,
-                world_size=world_size, chunk_size=CHUNK_SIZE[model], chunks=chunks, defer_sync=row.defer_sync,
+                world_size=world_size, chunk_size=CHUNK_SIZE[model], chunks=chunks,
             )  # fmt: skip
             points[key] = measure(setup)
             log(f"  {key}: peak {points[key].peak / GIB:.2f} GiB ({points[key].seconds:.0f} s)")
@@ -659,9 +644,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
         cells = [
             f"{row['size'].upper()} {'full' if row['full'] else 'DoRA'}",
             "1 compress" if row["stage"] == 1 else "2 match",
-            ("FSDP x8" + ("" if row.get("defer_sync", True) else ", sync each backward"))
-            if row["strategy"] == "fsdp"
-            else "DDP",
+            "FSDP x8" if row["strategy"] == "fsdp" else "DDP",
             "on" if row["checkpointing"] else "off",
             *(f"{memory[name] / GIB:.1f}" for name in FIELDS[:-1]),
             f"**{memory['peak'] / GIB:.1f}**",
@@ -680,11 +663,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", default="ddp,fsdp")
     parser.add_argument("--checkpointing", default="on,off")
     parser.add_argument("--stages", default="1,2")
-    parser.add_argument(
-        "--fsdp-sync",
-        default="deferred",
-        help="FSDP rows: deferred (one reduce-scatter per step), each (after every backward), or deferred,each",
-    )
     parser.add_argument("--world-size", type=int, default=8)
     parser.add_argument(
         "--fit", action="store_true", help="extrapolate the depth from 2 and 4 layers / blocks"
@@ -695,13 +673,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.sizes, args.modes, args.checkpointing, args.stages, depth = "3b", "lora", "on", "1", (2, 2)
     rows = [
-        Row(size, int(stage), mode == "full", strategy, checkpointing == "on", sync == "deferred")
+        Row(size, int(stage), mode == "full", strategy, checkpointing == "on")
         for size in args.sizes.split(",")
         for stage in args.stages.split(",")
         for mode in args.modes.split(",")
         for strategy in args.strategies.split(",")
         for checkpointing in args.checkpointing.split(",")
-        for sync in (args.fsdp_sync.split(",") if strategy == "fsdp" else ["deferred"])
     ]
     started = time.perf_counter()
     results = []

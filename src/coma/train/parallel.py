@@ -120,7 +120,10 @@ def parallelize(
     if not distributed or strategy == "ddp":
         if distributed:
             device_ids = [device.index] if device.type == "cuda" else None
-            module = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+            # Gradients live in the all-reduce buckets instead of beside a second copy there.
+            module = nn.parallel.DistributedDataParallel(
+                module, device_ids=device_ids, gradient_as_bucket_view=True
+            )
         return Parallel(module, strategy, distributed, device, compute_dtype)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
