@@ -6,7 +6,13 @@ in a fresh ``torchrun`` (2 processes, one thread each). Reported: the median ste
 the ``samples_per_s`` the loop logs). CPU figures
 say what sharding costs in collectives at this size, not what it saves on GPUs (README, "Memory per GPU").
 
-    .venv/bin/python scripts/bench_strategies.py [--steps 8]
+``--fsdp-sync-memory`` measures instead what deferring FSDP's gradient sync holds: a stack of 8 linear layers of
+4096 x 4096 (134 M fp32 parameters, each layer a unit) sharded by coma's ``parallelize`` over 2 gloo processes runs 4
+forward/backward micro-batches (the first 3 under ``no_sync``), once with the sync deferred to the last backward
+(coma's default) and once reduce-scattering after each (``--train.fsdp-defer-gradient-sync false``); reported: each
+rank's peak RSS growth over the micro-batches.
+
+    .venv/bin/python scripts/bench_strategies.py [--steps 8] [--fsdp-sync-memory]
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -21,8 +28,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
 from coma.backbones.tiny import init_model
 from coma.data.synth import generate_world
+from coma.train.parallel import parallelize
 
 GLOBAL_BATCH = 16
 
@@ -47,10 +60,54 @@ def run(command: list[str], out: Path) -> float:
     return statistics.median(seconds)
 
 
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def sync_memory_rank(rank: int, defer: bool, port: int, results: mp.Queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    layers = nn.ModuleList(nn.Linear(4096, 4096) for _ in range(8))
+    parallel = parallelize(nn.Sequential(*layers), strategy="fsdp", world_size=2, device=torch.device("cpu"),
+                           compute_dtype=torch.float32, shard_units=lambda: list(layers), defer_sharded_sync=defer)  # fmt: skip
+    before = peak_rss_gib()
+    inputs = torch.randn(4, 4096)
+    for micro_batch in range(4):
+        with parallel.no_sync() if micro_batch < 3 else torch.enable_grad():
+            parallel.model(inputs).sum().backward()
+    results.put((rank, peak_rss_gib() - before))
+    dist.destroy_process_group()
+
+
+def fsdp_sync_memory() -> None:
+    context = mp.get_context("spawn")
+    print("| FSDP gradient sync | rank 0 peak RSS growth (GB) | rank 1 |")
+    print("|---|---:|---:|")
+    for defer, port in ((True, 29601), (False, 29602)):
+        results = context.Queue()
+        processes = [
+            context.Process(target=sync_memory_rank, args=(rank, defer, port, results)) for rank in (0, 1)
+        ]
+        for process in processes:
+            process.start()
+        growth = dict(results.get(timeout=600) for _ in processes)
+        for process in processes:
+            process.join()
+        print(f"| {'deferred to the last backward' if defer else 'after every backward'} | {growth[0]:.2f} | "
+              f"{growth[1]:.2f} |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument(
+        "--fsdp-sync-memory", action="store_true", help="FSDP's deferred vs per-backward sync memory"
+    )
     args = parser.parse_args()
+    if args.fsdp_sync_memory:
+        fsdp_sync_memory()
+        return
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     with tempfile.TemporaryDirectory() as temp:
         root = Path(temp)
