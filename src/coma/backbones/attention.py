@@ -111,9 +111,7 @@ def load_with_attention(
 
 def use_packed_vision_attention(vision_tower: torch.nn.Module) -> None:
     """Make a loaded Qwen-VL vision tower run :func:`packed_varlen_attention`."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(PACKED_VISION, packed_varlen_attention)
+    register_packed_vision()
     configs = {
         id(module.config): module.config for module in vision_tower.modules() if hasattr(module, "config")
     }
@@ -167,6 +165,14 @@ def packed_varlen_attention(
     order = torch.cat(positions)
     packed = torch.cat(outputs)[torch.argsort(order)] if len(outputs) > 1 else outputs[0]
     return packed.unsqueeze(0), None
+
+
+@functools.cache
+def register_packed_vision() -> None:
+    """Make :data:`PACKED_VISION` a transformers attention implementation (once per process)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_VISION, packed_varlen_attention)
 
 
 @functools.cache
